@@ -1,0 +1,95 @@
+"""
+Training-step throughput of our decoder vs transformers' LlamaForCausalLM: same config, same weights, same batch,
+same process, steps interleaved so both see the same machine load.
+
+    python bench.py                          # CPU, a small model, eager
+    python bench.py --compile                # also torch.compile (ours and theirs)
+    python bench.py --device cuda --size 300M --batch_size 8 --seq_len 4096 --dtype bfloat16
+
+A step is forward + loss + backward + AdamW update. Prints tokens/s of each and the ratio ours / transformers.
+On CUDA it also prints MFU (FLOPs per token = 3 x forward FLOPs, peak bf16 by device name).
+"""
+import argparse
+import tempfile
+import time
+
+import torch
+
+from configs import MODEL_SIZES
+from model import ModelArgs, Transformer, configure_optimizer, estimate_flops, save_hf
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def train_step(model, optimizer, idx, targets, autocast_dtype, is_ours):
+    with torch.autocast(idx.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        if is_ours:
+            loss = model(idx, targets)[1]
+        else:
+            loss = model(input_ids=idx, labels=targets).loss  # HF shifts labels itself
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default=None, choices=sorted(MODEL_SIZES), help="a config; default: a small CPU model")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model (after warm-up)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    opt = p.parse_args()
+    import transformers
+
+    cfg = MODEL_SIZES[opt.size] if opt.size else dict(dim=256, n_layers=4, n_heads=4, hidden_dim=688,
+                                                       vocab_size=8192, max_seq_len=1024)
+    args = ModelArgs(**{**cfg, "max_seq_len": max(cfg.get("max_seq_len", 0), opt.seq_len)})
+    torch.manual_seed(0)
+    ours = Transformer(args).to(opt.device)
+    with tempfile.TemporaryDirectory() as tmp:  # identical weights, through our own exporter
+        save_hf(ours, tmp)
+        theirs = transformers.LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").to(opt.device)
+    theirs.train()
+    autocast_dtype = torch.bfloat16 if opt.dtype == "bfloat16" else None
+    idx = torch.randint(0, args.vocab_size, (opt.batch_size, opt.seq_len + 1), device=opt.device)
+    x, y = idx[:, :-1], idx[:, 1:]
+    contenders = {"ours": (ours, x, y, True), "transformers": (theirs, x, x, False)}  # HF shifts its labels
+    if opt.compile:
+        contenders["ours+compile"] = (torch.compile(ours), x, y, True)
+        contenders["transformers+compile"] = (torch.compile(theirs), x, x, False)
+    optimizers = {name: configure_optimizer(m, 1e-4, device_type=opt.device) for name, (m, *_) in
+                  contenders.items()}
+    sync = torch.cuda.synchronize if opt.device == "cuda" else (lambda: None)
+    for name, (model, a, b, is_ours) in contenders.items():  # warm-up (and compilation)
+        for _ in range(opt.warmup):
+            train_step(model, optimizers[name], a, b, autocast_dtype, is_ours)
+    seconds = {name: 0.0 for name in contenders}
+    for _ in range(opt.steps):  # interleave so a busy machine slows everyone alike
+        for name, (model, a, b, is_ours) in contenders.items():
+            sync()
+            t0 = time.perf_counter()
+            train_step(model, optimizers[name], a, b, autocast_dtype, is_ours)
+            sync()
+            seconds[name] += time.perf_counter() - t0
+    tokens = opt.batch_size * opt.seq_len * opt.steps
+    device_name = torch.cuda.get_device_name() if opt.device == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+    flops_per_token = 3 * estimate_flops(args, opt.seq_len) / opt.seq_len
+    print(f"device {device_name}, threads {torch.get_num_threads()}, dim {args.dim} x {args.n_layers} layers, "
+          f"vocab {args.vocab_size}, batch {opt.batch_size} x {opt.seq_len} tokens, autocast {opt.dtype}")
+    for name in contenders:
+        tps = tokens / seconds[name]
+        mfu = f", MFU {100 * tps * flops_per_token / peak:.1f}%" if peak else ""
+        print(f"{name:>22}: {tps:10.0f} tokens/s{mfu}")
+    print(f"ratio ours / transformers (eager): {seconds['transformers'] / seconds['ours']:.2f}x")
+    if opt.compile:
+        print(f"ratio ours+compile / ours (eager): {seconds['ours'] / seconds['ours+compile']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

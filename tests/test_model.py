@@ -1,0 +1,144 @@
+"""The decoder: sizes and FLOPs of the paper, causality, the KV cache, the optimizer, Hugging Face interop."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import MODEL_SIZES, STAGES, TABLE4_TFLOPS, TABLE7_PARAMS_M
+from model import ModelArgs, Transformer, configure_optimizer, estimate_flops, load_hf, save_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(dim=64, n_layers=2, n_heads=4, hidden_dim=96, vocab_size=100, max_seq_len=64)
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(**{**SMALL, **overrides})).eval()
+
+
+@pytest.mark.parametrize("size", ["300M", "600M", "1B", "3B"])
+def test_parameter_counts_match_table7(size):
+    with torch.device("meta"):
+        n = Transformer(ModelArgs(**MODEL_SIZES[size])).num_params()
+    assert abs(n / 1e6 - TABLE7_PARAMS_M[size]) / TABLE7_PARAMS_M[size] < 0.01
+
+
+@pytest.mark.parametrize("size", ["300M", "600M", "1B", "3B"])
+def test_forward_flops_match_table4(size):
+    args = ModelArgs(**MODEL_SIZES[size])
+    long = estimate_flops(args, 4096) / 1e12
+    assert abs(long - TABLE4_TFLOPS[size][4096]) / TABLE4_TFLOPS[size][4096] < 0.10
+    # Table 4 prints one decimal; its 256-token figures are ours rounded up to that decimal
+    short = estimate_flops(args, 256) / 1e12
+    assert math.ceil(short * 10) / 10 == pytest.approx(TABLE4_TFLOPS[size][256])
+
+
+def test_every_config_builds_a_model():
+    for name, cfg in MODEL_SIZES.items():
+        with torch.device("meta"):
+            Transformer(ModelArgs(**cfg))
+    assert MODEL_SIZES["lvm-7b"]["vocab_size"] == 8292
+    assert STAGES["pretrain"]["lr"] == 1.5e-4 and STAGES["finetune"]["min_lr"] == 1.5e-6
+
+
+def test_forward_returns_logits_and_mean_cross_entropy():
+    model = small_model()
+    idx = torch.randint(0, 100, (2, 10))
+    targets = torch.randint(0, 100, (2, 10))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 10, 100)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 100), targets.view(-1))
+    torch.testing.assert_close(loss, expected)
+    assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_changing_a_token_never_changes_earlier_logits(n_kv_heads):
+    model = small_model(n_kv_heads=n_kv_heads)
+    idx = torch.randint(0, 100, (1, 20))
+    changed = idx.clone()
+    changed[0, 12] = (idx[0, 12] + 1) % 100
+    before, after = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :12], after[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 1])
+def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
+    model = small_model(n_kv_heads=n_kv_heads)
+    idx = torch.randint(0, 100, (3, 24))
+    full = model(idx)[0]
+    model.setup_cache(batch_size=3, max_seq_len=32)
+    prefill = model(idx[:, :8], input_pos=torch.arange(8))[0]  # a prompt at once, then one token at a time
+    steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(8, 24)]
+    cached = torch.cat([prefill] + steps, dim=1)
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+    model.clear_cache()
+
+
+def test_optimizer_decays_matrices_not_norm_gains():
+    model = small_model()
+    opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_residual_projections_start_smaller():
+    model = small_model(dim=256, n_layers=8, hidden_dim=512)
+    assert model.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[0].attention.wo.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+
+
+def hf_llama(n_kv_heads):
+    transformers = pytest.importorskip("transformers")  # a test-only dependency
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=n_kv_heads, vocab_size=100,
+                                      rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("n_kv_heads,layout", [(4, "safetensors"), (2, "safetensors"), (2, "sharded"), (2, "bin")])
+def test_load_hf_gives_transformers_logits(tmp_path, n_kv_heads, layout):
+    hf = hf_llama(n_kv_heads)
+    if layout == "bin":
+        hf.save_pretrained(tmp_path, safe_serialization=False)
+    else:
+        hf.save_pretrained(tmp_path, max_shard_size="20KB" if layout == "sharded" else "5GB")
+    ours = load_hf(tmp_path)
+    assert ours.args.n_kv_heads == n_kv_heads
+    idx = torch.randint(0, 100, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_save_hf_round_trip_is_exact_and_transformers_reads_it(tmp_path, n_kv_heads):
+    transformers = pytest.importorskip("transformers")
+    model = small_model(n_kv_heads=n_kv_heads)
+    save_hf(model, tmp_path / "ours", max_shard_bytes=40_000)  # small shards exercise the index file
+    back = load_hf(tmp_path / "ours")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    idx = torch.randint(0, 100, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+
+
+def test_load_hf_explains_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path)
+
+
+def test_model_cli_prints_params_and_flops():
+    out = subprocess.run([sys.executable, "model.py", "--size", "300M"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "parameters: 290.8M (paper: 291M)" in out
+    assert "4096 tokens: 3.82 (Table 4: 4.1)" in out
