@@ -1,0 +1,680 @@
+"""
+In-context evaluation (paper sections 2.4 and A.2): the protocols and metrics behind Tables 1-6, runnable offline.
+
+    python evaluate.py video        --model M --vqgan V --data data/toyworld/val --features tiny  # FVD-16f (Table 1)
+    python evaluate.py generation   --model M --vqgan V --data ADEChallengeData2016             # FID, IS (Table 2)
+    python evaluate.py segmentation --model M --vqgan V --data cityscapes                       # mIoU, FID (Table 3)
+    python evaluate.py perplexity   --model M --tokens data/tokens/val_video                    # held-out loss
+    python evaluate.py all --model M --vqgan V --data data/toyworld --tokens T --features tiny --limit 32
+
+Each protocol states the task with one prompt ("prompt, query"), samples the answer with top-k 100 at temperature 1
+(A.2), decodes it with the VQ-GAN and scores it. The "Ground truth rec." row scores the VQ-GAN round trip of the
+ground truth: the best a decoder-only model can do with this tokenizer. --out gets a Markdown table per protocol in
+the paper's layout (tables.md), results.json and a PNG grid per protocol (prompts, query, generation, truth).
+
+--features standard uses the paper's networks: Inception-v3 of the ADM evaluator (torch-fidelity) for FID/IS and
+StyleGAN-V's I3D TorchScript for FVD, both read from local files. --features tiny uses a fixed random conv net: it
+ranks runs against each other offline, but its numbers are not comparable with the paper's.
+"""
+import argparse
+import itertools
+import json
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import tokenize_data
+from sample import codes_per_image, generate, images_to_tokens, load_model, save_grid, tokens_to_images
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def _float64(x):
+    return x.detach().double().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID / FVD between two Gaussians: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+    Tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2): the same eigenvalues
+    as S1 S2, but of a symmetric PSD matrix, so they are real and >= 0 even when a covariance is singular."""
+    mu1, mu2 = _float64(mu1).reshape(-1), _float64(mu2).reshape(-1)
+    s1, s2 = np.atleast_2d(_float64(sigma1)), np.atleast_2d(_float64(sigma2))
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T  # S1^(1/2)
+    m = root1 @ s2 @ root1
+    trace_sqrt = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    return float(max(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt, 0.0))
+
+
+def feature_distance(a, b):
+    """Frechet distance between the Gaussians fitted to two sets of features [N, D]; nan if a set has < 2 samples."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    a, b = _float64(a), _float64(b)
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def inception_score(logits, splits=10):
+    """IS = exp(E_x KL(p(y|x) || p(y))), averaged over `splits` chunks as in Salimans et al. (mean, std)."""
+    log_p = F.log_softmax(torch.as_tensor(logits).double(), dim=1)  # log p(y|x), finite even for huge logits
+    scores = []
+    for chunk in log_p.chunk(min(splits, len(log_p))):
+        log_py = chunk.logsumexp(0) - math.log(len(chunk))  # log p(y), the mean over the chunk
+        scores.append((chunk.exp() * (chunk - log_py)).sum(1).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def psnr(x, y):
+    """Per image 10 log10(1 / MSE) of float images [N, C, H, W] in [0, 1] -> [N]."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Per image structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, valid region) of float
+    images [N, C, H, W] in [0, 1] -> [N]."""
+    x, y = x.float(), y.float()
+    k = min(window, x.shape[-2], x.shape[-1])
+    g = torch.exp(-((torch.arange(k) - (k - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :]).expand(x.shape[1], 1, k, k).to(x.device)
+    blur = lambda t: F.conv2d(t, w, groups=x.shape[1])
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K L)^2 with L = 1, K1 = 0.01, K2 = 0.03
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def colors_to_classes(rgb, palette):
+    """Nearest palette colour per pixel (the KNN read-out of a generated colour map, section 2.4).
+    rgb: uint8 [..., 3] channels-last; palette: [K, 3]. Returns the int64 class index [...] (first colour on ties)."""
+    rgb = torch.as_tensor(rgb)
+    pal = torch.as_tensor(np.asarray(palette), dtype=torch.float32, device=rgb.device)
+    flat = rgb.reshape(-1, 3).float()
+    out = torch.empty(flat.shape[0], dtype=torch.int64, device=rgb.device)
+    for i in range(0, len(flat), 1 << 16):  # chunks keep the [pixels, K] distance matrix small
+        out[i:i + (1 << 16)] = torch.cdist(flat[i:i + (1 << 16)], pal).argmin(1)
+    return out.reshape(rgb.shape[:-1])
+
+
+def confusion_matrix(pred, gt, num_classes, ignore_index=255):
+    """Counts [K, K + 1] of (true class, predicted class) over pixels whose truth is a class (not ignore_index);
+    the last column counts predictions outside [0, K), misses of the true class."""
+    pred, gt = torch.as_tensor(pred).long().flatten().cpu(), torch.as_tensor(gt).long().flatten().cpu()
+    valid = (gt != ignore_index) & (gt >= 0) & (gt < num_classes)
+    pred, gt = pred[valid], gt[valid]
+    pred = torch.where((pred >= 0) & (pred < num_classes), pred, num_classes)
+    counts = torch.bincount(gt * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1))
+    return counts.reshape(num_classes, num_classes + 1)
+
+
+def miou_from_confusion(conf):
+    """Mean over the classes present in the ground truth of IoU = TP / (TP + FP + FN); nan if no valid pixel."""
+    conf = torch.as_tensor(conf).double()
+    K = conf.shape[0]
+    tp, gt_count, pred_count = conf[:, :K].diag(), conf.sum(1), conf[:, :K].sum(0)
+    present = gt_count > 0
+    if not present.any():
+        return float("nan")
+    return (tp[present] / (gt_count + pred_count - tp)[present]).mean().item()
+
+
+def mean_iou(pred, gt, num_classes, ignore_index=255):
+    """mIoU of integer class maps of one shape (REFERENCE.md section 5): a float in [0, 1]."""
+    return miou_from_confusion(confusion_matrix(pred, gt, num_classes, ignore_index))
+
+
+# -----------------------------------------------------------------------------
+# feature extractors: callables uint8 images [N, 3, H, W] (or videos [N, 3, T, H, W]) -> (features [N, D],
+# logits [N, C] or None), with a `name`. Any such object plugs into the protocols.
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+I3D_FILE = "i3d_torchscript.pt"
+I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
+
+
+def _weights_path(path, filename, url, flag):
+    """A local weights file: the given path, else the torch hub cache where downloaders put it."""
+    path = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{filename} not found at {path}: fetch {url} on a machine with internet and put "
+                                f"it there, or pass {flag} PATH (--features tiny runs offline, not comparable with the "
+                                "paper)")
+    return path
+
+
+class TinyExtractor(nn.Module):
+    """A fixed random conv net (seeded): features for tests and toy-world runs, images or (video=True) clips."""
+
+    def __init__(self, video=False, dim=64, num_classes=16, seed=0):
+        super().__init__()
+        self.name = f"tiny random {'3D ' if video else ''}conv net (not comparable with the paper)"
+        self.video = video
+        Conv = nn.Conv3d if video else nn.Conv2d
+        with torch.random.fork_rng(devices=[]):  # same weights every run, global RNG untouched
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(Conv(3, 16, 3, 2, 1), nn.ReLU(), Conv(16, 32, 3, 2, 1), nn.ReLU(),
+                                     Conv(32, dim, 3, 2, 1), nn.ReLU())
+            self.head = nn.Linear(dim, num_classes)
+            for m in self.modules():  # He init keeps activations (and so the distances) at a readable scale
+                if isinstance(m, (Conv, nn.Linear)):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
+            self.head.weight.data.mul_(10)  # spread the logits, so that IS is not pinned at 1
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, x):
+        size = (x.shape[2], 32, 32) if self.video else (32, 32)
+        x = F.interpolate(x.to(self.head.weight.device).float() / 127.5 - 1, size=size, mode="area")
+        feats = self.net(x).flatten(2).mean(2)
+        return feats, self.head(feats)
+
+
+class InceptionExtractor:
+    """Inception-v3 of the ADM/TF evaluator via torch-fidelity: pool3 features (2048) for FID, logits for IS."""
+    name = "Inception-v3 (torch-fidelity, ADM compatible)"
+
+    def __init__(self, weights=None, device="cpu"):
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError:
+            raise ImportError("FID/IS with --features standard need torch-fidelity: pip install torch-fidelity "
+                              "(or use --features tiny for runs not comparable with the paper)") from None
+        path = _weights_path(weights, INCEPTION_FILE, INCEPTION_URL, "--inception_weights")
+        self.device = device
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=str(path)).to(device)
+
+    @torch.no_grad()
+    def __call__(self, images):  # uint8 [N, 3, H, W], resized to 299 inside as the TF original does
+        return self.net(images.to(self.device))
+
+
+class I3DExtractor:
+    """I3D (Kinetics-400) from StyleGAN-V's TorchScript file: the FVD features (REFERENCE.md section 5)."""
+    name = "I3D (StyleGAN-V TorchScript)"
+
+    def __init__(self, path=None, device="cpu"):
+        path = _weights_path(path, I3D_FILE, I3D_URL, "--i3d_weights")
+        self.device = device
+        self.net = torch.jit.load(str(path), map_location=device).eval()
+
+    @torch.no_grad()
+    def __call__(self, videos):  # uint8 [N, 3, T, H, W]; the script rescales to [-1, 1] and resizes to 224
+        return self.net(videos.to(self.device), rescale=True, resize=True, return_features=True).float(), None
+
+
+def make_extractor(kind="standard", video=False, device="cpu", weights=None):
+    """The feature network of --features tiny | standard, for images (FID, IS) or clips (video=True, FVD)."""
+    if kind == "tiny":
+        return TinyExtractor(video=video).to(device)
+    if kind == "standard":
+        return I3DExtractor(weights, device) if video else InceptionExtractor(weights, device)
+    raise ValueError(f"unknown feature extractor {kind!r}: use 'standard' or 'tiny'")
+
+
+# -----------------------------------------------------------------------------
+# datasets: ADE20K and Cityscapes validation layouts, the toy world, UCF-101 style videos. Files are listed and read
+# with tokenize_data's functions, so evaluation sees images exactly as training did.
+
+
+class LayoutError(FileNotFoundError):
+    """The folder does not hold a dataset in the layout a protocol needs."""
+
+
+@dataclass
+class PairedSet:
+    """Images with a per-pixel annotation: what the generation and segmentation protocols read."""
+    name: str  # ade20k | cityscapes | toy
+    units: list  # tokenize_data units ("pair", image path, annotation path), sorted
+    palette: np.ndarray  # [K, 3] uint8: colour of class k in the maps the model reads and writes
+    luts: dict  # class-index PNG -> colour tables for tokenize_data.read_annotation
+    segmentation: bool  # the annotation is a segmentation map, so classes can be read back from its colours
+
+
+def find_paired(root, split="val", annotation="segmentation"):
+    """ADE20K (ADEChallengeData2016/{images,annotations}/validation), Cityscapes (leftImg8bit/val + gtFine/val) or
+    the toy world (a folder written by toyworld.py, or one of its splits: images/ + segmentation|edges|depth/)."""
+    root = Path(root)
+    for base in (root, root / "ADEChallengeData2016"):
+        folder = {"val": "validation", "train": "training"}.get(split, split)
+        if (base / "images" / folder).is_dir() and (base / "annotations" / folder).is_dir():
+            return _paired("ade20k", base / "images" / folder, base / "annotations" / folder, annotation)
+    if (root / "leftImg8bit" / split).is_dir() and (root / "gtFine" / split).is_dir():
+        return _paired("cityscapes", root / "leftImg8bit" / split, root / "gtFine" / split, annotation)
+    toy = root / split if (root / "meta.json").is_file() else root
+    if (toy / "images").is_dir() and (toy / annotation).is_dir():
+        return _paired("toy", toy / "images", toy / annotation, annotation)
+    raise LayoutError(
+        f"{root} is not a paired dataset with a {split!r} split and {annotation!r} annotations: expected ADE20K "
+        "(images/validation/*.jpg + annotations/validation/*.png), Cityscapes (leftImg8bit/val/CITY/*_leftImg8bit.png "
+        f"+ gtFine/val/CITY/*_gtFine_labelTrainIds.png) or a toy world split (images/ + {annotation}/, toyworld.py)")
+
+
+def _paired(name, images, annotations, annotation):
+    if name != "toy" and annotation != "segmentation":
+        raise ValueError(f"{name} has segmentation annotations only, not {annotation!r}")
+    units = [u for u in tokenize_data.list_pairs(str(images), str(annotations)) if u[0] == "pair"]
+    if not units:
+        raise FileNotFoundError(f"no image in {images} has an annotation with the same name in {annotations}")
+    palette = np.asarray(tokenize_data.PALETTES[name], np.uint8)
+    luts = {"index": tokenize_data.index_lut(palette, tokenize_data.INDEX_OFFSET.get(name, 0))}
+    if name == "cityscapes":  # *_labelIds maps go through the official id -> trainId table
+        luts["label_ids"] = tokenize_data.index_lut(palette, label_ids=tokenize_data.CITYSCAPES_LABEL_IDS)
+    return PairedSet(name, units, palette, luts, annotation == "segmentation")
+
+
+def labels_from_colours(colours, palette, ignore_index=255):
+    """Classes of a ground-truth colour map [..., 3]: pixels of exactly a palette colour get its class, all others
+    (unlabelled pixels are black in ADE20K and Cityscapes maps) get ignore_index."""
+    classes = colors_to_classes(colours, palette)
+    exact = (torch.as_tensor(palette)[classes] == torch.as_tensor(colours)).all(-1)
+    return torch.where(exact, classes, ignore_index)
+
+
+def read_pair(ds, unit, size):
+    """(image uint8 [3, R, R], annotation colour map uint8 [3, R, R], classes int64 [R, R] (255 = ignore) or None)."""
+    image, annotation = map(torch.tensor, tokenize_data.load_unit(unit, {"size": size}, ds.luts))  # copies: writable
+    labels = labels_from_colours(annotation, ds.palette) if ds.segmentation else None
+    return image.permute(2, 0, 1), annotation.permute(2, 0, 1), labels
+
+
+def find_videos(root, split="val"):
+    """Video files (UCF-101: CLASS/*.avi) and frame folders under root, as tokenize_data units; for a toy world,
+    its videos/ folder."""
+    root = Path(root)
+    videos = [f for f in (root / split / "videos", root / "videos") if f.is_dir()]
+    images = (root / "meta.json").is_file() or any((root / d).is_dir() for d in ("images", "leftImg8bit",
+                                                                                 "ADEChallengeData2016"))
+    if images and not videos:  # an image dataset: its image folders are not frame folders
+        raise LayoutError(f"{root} holds an image dataset, not videos")
+    root = videos[0] if videos else root
+    if not root.is_dir():
+        raise LayoutError(f"video folder {root} does not exist")
+    units = [u for u in tokenize_data.list_videos([str(root)]) if u[0] in ("video", "frames")]
+    if not units:
+        raise LayoutError(f"no videos ({', '.join(tokenize_data.VIDEO_EXTS)}) or frame folders under {root}")
+    return units
+
+
+def read_clip(unit, frames, stride, size):
+    """uint8 [frames, 3, R, R]: frames 0, stride, 2 stride, ... of a video unit; None if it is too short or broken."""
+    try:
+        rows = tokenize_data.load_unit(unit, {"size": size, "stride": stride, "max_frames": frames})
+    except Exception:  # an unreadable video is skipped, as tokenize_data does
+        return None
+    return torch.from_numpy(np.stack(rows)).permute(0, 3, 1, 2) if len(rows) >= frames else None
+
+
+# -----------------------------------------------------------------------------
+# the protocols (2.4, A.2). Each takes (model, vqgan, data path, EvalConfig) and returns a dict of numbers:
+# "model" (the generations' metrics) and "gt_rec" (the same metrics of the VQ-GAN round trip of the ground truth).
+
+
+@dataclass
+class EvalConfig:
+    limit: int | None = None  # at most this many queries (clips, images) or held-out sequences; None = all
+    batch_size: int = 16  # queries generated at once
+    temperature: float = 1.0  # A.2: temperature 1, top-k 100
+    top_k: int = 100
+    seed: int = 0  # picks the prompt pair and seeds sampling
+    split: str = "val"
+    prompt_split: str | None = None  # where the prompt pair comes from (default: split, without reusing it as query)
+    annotation: str = "segmentation"  # the condition of conditional generation (toy world: segmentation|edges|depth)
+    prompt_frames: int = 5  # video: 5 prompt frames, 11 generated, 16 in all (A.2)
+    clip_frames: int = 16
+    frame_stride: int = 1
+    image_extractor: object = None  # features for FID/IS; None = TinyExtractor()
+    video_extractor: object = None  # features for FVD; None = TinyExtractor(video=True)
+    num_sequences: int = 256  # perplexity: held-out sequences per sequence kind
+    out: str | None = None  # folder for the PNG grids; None = no grid
+    grid_rows: int = 8  # rows of a grid: a query each (a clip: two rows, truth above generation)
+
+
+def _uint8(x):
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _sample(model, vqgan, prompt, n_images, cfg, generator):
+    """Sample n_images images after prompt tokens [B, T] (A.2: top-k 100, temperature 1): uint8 [B, n, 3, H, W]."""
+    S, device = codes_per_image(vqgan), next(model.parameters()).device
+    seq = generate(model, prompt.to(device), n_images * S, cfg.temperature, cfg.top_k,
+                   codebook_size=vqgan.config["num_embeddings"], generator=generator, tokens_per_image=S)
+    return _uint8(tokens_to_images(vqgan, seq[:, -n_images * S:], S).cpu())
+
+
+def _round_trip(vqgan, images):
+    """The VQ-GAN reconstruction of uint8 images [N, 3, H, W]: the "ground truth rec." of the paper's tables."""
+    return _uint8(tokens_to_images(vqgan, images_to_tokens(vqgan, images)).flatten(0, 1).cpu())
+
+
+def _gather(store, extractor, **sets):
+    """Append each set's features (and logits, when the extractor has them) to store[name] lists."""
+    for name, x in sets.items():
+        feats, logits = extractor(x)
+        store.setdefault(name, []).append(feats.float().cpu())
+        if logits is not None:
+            store.setdefault(name + "_logits", []).append(logits.float().cpu())
+
+
+def _fid_is(store, name):
+    """FID (FVD for clips) of the features gathered as `name` against the ground truth's, and IS of its logits."""
+    cat = lambda k: torch.cat(store[k])
+    return {"fid": feature_distance(cat(name), cat("gt")),
+            "is": inception_score(cat(name + "_logits"))[0] if name + "_logits" in store else float("nan")}
+
+
+def _generator(model, seed):
+    return torch.Generator(next(model.parameters()).device).manual_seed(seed)
+
+
+def _save_grid(cfg, name, rows):
+    if cfg.out and rows:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        save_grid(rows, Path(cfg.out) / f"{name}.png")
+        return str(Path(cfg.out) / f"{name}.png")
+
+
+def _batched(iterable, n):
+    iterator = iter(iterable)
+    while batch := list(itertools.islice(iterator, n)):
+        yield batch
+
+
+@torch.no_grad()
+def eval_video(model, vqgan, data, cfg=EvalConfig()):
+    """Video prediction (Table 1): 16-frame clips, the first 5 frames as the prompt, 11 generated. FVD-16f between
+    the generated clips (prompt frames as the VQ-GAN decodes them + 11 new) and the true clips; per-frame PSNR and
+    SSIM of the 11 generated frames against the truth, a check that needs no feature network."""
+    size, S, T, P = vqgan.config["resolution"], codes_per_image(vqgan), cfg.clip_frames, cfg.prompt_frames
+    extractor = cfg.video_extractor or TinyExtractor(video=True)
+    units, generator = find_videos(data, cfg.split), _generator(model, cfg.seed)
+    skipped = 0
+
+    def clips():  # one clip per video (2.4), from its first frame; too short or unreadable videos are skipped
+        nonlocal skipped
+        for unit in units:
+            clip = read_clip(unit, T, cfg.frame_stride, size)
+            skipped += clip is None
+            if clip is not None:
+                yield clip
+
+    n, store, rows, per_frame = 0, {}, [], {k: [] for k in ("psnr", "ssim", "rec_psnr", "rec_ssim")}
+    bar = tqdm(total=cfg.limit or len(units), desc="video prediction", unit="clip")
+    for batch in _batched(itertools.islice(clips(), cfg.limit), cfg.batch_size):
+        truth = torch.stack(batch)  # [B, T, 3, R, R]
+        B = len(truth)
+        tokens = images_to_tokens(vqgan, truth.flatten(0, 1)).view(B, T * S)
+        recon = _uint8(tokens_to_images(vqgan, tokens, S).cpu())
+        generated = torch.cat([recon[:, :P], _sample(model, vqgan, tokens[:, :P * S], T - P, cfg, generator)], 1)
+        _gather(store, extractor, gen=generated.transpose(1, 2), gt=truth.transpose(1, 2), rec=recon.transpose(1, 2))
+        future = lambda x: x[:, P:].flatten(0, 1).float() / 255  # the predicted frames
+        for prefix, x in (("", generated), ("rec_", recon)):
+            per_frame[prefix + "psnr"].append(psnr(future(x), future(truth)).view(B, T - P))
+            per_frame[prefix + "ssim"].append(ssim(future(x), future(truth)).view(B, T - P))
+        rows += [row for i in range(B) for row in (list(truth[i]), [None] * P + list(generated[i, P:]))]
+        rows, n = rows[:cfg.grid_rows], n + B
+        bar.update(B)
+    bar.close()
+    if n == 0:
+        raise ValueError(f"no video under {data} has the {(T - 1) * cfg.frame_stride + 1} frames a clip needs")
+    frames = {k: torch.cat(v).mean(0) for k, v in per_frame.items()}  # mean over clips, per predicted frame
+    name = "toy" if any((p / "meta.json").is_file() for p in (Path(data), Path(data).parent)) else Path(data).name
+    return dict(protocol="video", dataset=name, queries=n, skipped=skipped, features=extractor.name,
+                model=dict(fvd=_fid_is(store, "gen")["fid"], psnr=frames["psnr"].mean().item(),
+                           ssim=frames["ssim"].mean().item(), psnr_per_frame=frames["psnr"].tolist(),
+                           ssim_per_frame=frames["ssim"].tolist()),
+                gt_rec=dict(fvd=_fid_is(store, "rec")["fid"], psnr=frames["rec_psnr"].mean().item(),
+                            ssim=frames["rec_ssim"].mean().item()),
+                grid=_save_grid(cfg, f"video_{name}", rows))
+
+
+def _prompt_and_queries(data, cfg, annotation):
+    """(paired set, the prompt unit, the query units): one prompt for all queries, drawn by seed from the prompt
+    split (A.2: "we randomly sample one of the training set prompts and use the same prompt for all")."""
+    ds = find_paired(data, cfg.split, annotation)
+    prompts = ds if cfg.prompt_split in (None, cfg.split) else find_paired(data, cfg.prompt_split, annotation)
+    prompt = prompts.units[int(np.random.default_rng(cfg.seed).integers(len(prompts.units)))]
+    queries = [u for u in ds.units if u[1] != prompt[1]][:cfg.limit]
+    if not queries:
+        raise ValueError(f"{data} has no query left besides the prompt pair")
+    return ds, prompts, prompt, queries
+
+
+def _answer_queries(model, vqgan, data, cfg, annotation, to_annotation, desc):
+    """The in-context image tasks (2.4): one prompt pair, "image, annotation" (to_annotation, e.g. segmentation) or
+    "annotation, image" (generation), then each query. Returns (paired set, prompt unit, prompt images, number of
+    queries, batches of (query, generated answer, true answer, classes or None), uint8 [B, 3, R, R] each)."""
+    size = vqgan.config["resolution"]
+    ds, prompts, prompt, queries = _prompt_and_queries(data, cfg, annotation)
+    image, ann, _ = read_pair(prompts, prompt, size)
+    pair = [image, ann] if to_annotation else [ann, image]
+    prompt_tokens = images_to_tokens(vqgan, torch.stack(pair)).view(1, -1)
+    generator = _generator(model, cfg.seed)
+
+    def batches():
+        for units in tqdm(list(_batched(queries, cfg.batch_size)), desc=desc, unit="batch"):
+            images, anns, labels = zip(*[read_pair(ds, u, size) for u in units])
+            images, anns = torch.stack(images), torch.stack(anns)
+            query, truth = (images, anns) if to_annotation else (anns, images)
+            tokens = torch.cat([prompt_tokens.expand(len(query), -1), images_to_tokens(vqgan, query)], 1)
+            generated = _sample(model, vqgan, tokens, 1, cfg, generator)[:, 0]
+            yield query, generated, truth, torch.stack(labels) if ds.segmentation else None
+
+    return ds, prompt, pair, len(queries), batches()
+
+
+@torch.no_grad()
+def eval_generation(model, vqgan, data, cfg=EvalConfig()):
+    """Conditional image generation (Table 2): the prompt pair "annotation, image", then the query's annotation;
+    FID and IS of the generated images against the true images."""
+    ds, prompt, pair, n, batches = _answer_queries(model, vqgan, data, cfg, cfg.annotation, False,
+                                                   f"generation from {cfg.annotation}")
+    extractor, store, rows = cfg.image_extractor or TinyExtractor(), {}, []
+    for query, generated, truth, _ in batches:
+        _gather(store, extractor, gen=generated, gt=truth, rec=_round_trip(vqgan, truth))
+        rows += [pair + [None, q, g, t] for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
+    return dict(protocol="generation", dataset=ds.name, condition=cfg.annotation, queries=n, features=extractor.name,
+                prompt=str(prompt[1]), model=_fid_is(store, "gen"), gt_rec=_fid_is(store, "rec"),
+                grid=_save_grid(cfg, f"generation_{ds.name}_{cfg.annotation}", rows))
+
+
+@torch.no_grad()
+def eval_segmentation(model, vqgan, data, cfg=EvalConfig()):
+    """Semantic segmentation (Table 3): the prompt pair "image, segmentation map", then the query image; the
+    generated colour map read as classes by nearest palette colour; mIoU (in %, as the paper) over the classes
+    present in the ground truth, and FID between generated and true maps."""
+    ds, prompt, pair, n, batches = _answer_queries(model, vqgan, data, cfg, "segmentation", True, "segmentation")
+    extractor, store, rows, conf, conf_rec = cfg.image_extractor or TinyExtractor(), {}, [], 0, 0
+    K = len(ds.palette)
+    for query, generated, truth, labels in batches:
+        recon = _round_trip(vqgan, truth)
+        conf += confusion_matrix(colors_to_classes(generated.permute(0, 2, 3, 1), ds.palette), labels, K)
+        conf_rec += confusion_matrix(colors_to_classes(recon.permute(0, 2, 3, 1), ds.palette), labels, K)
+        _gather(store, extractor, gen=generated, gt=truth, rec=recon)
+        rows += [pair + [None, q, g, t] for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
+    return dict(protocol="segmentation", dataset=ds.name, queries=n, features=extractor.name, prompt=str(prompt[1]),
+                num_classes=K, model=dict(miou=100 * miou_from_confusion(conf), fid=_fid_is(store, "gen")["fid"]),
+                gt_rec=dict(miou=100 * miou_from_confusion(conf_rec), fid=_fid_is(store, "rec")["fid"]),
+                grid=_save_grid(cfg, f"segmentation_{ds.name}", rows))
+
+
+SEQUENCES = {"images": ["single"], "video": ["natural"], "pairs": ["discriminative", "generative"]}
+
+
+@torch.no_grad()
+def eval_perplexity(model, tokens, cfg=EvalConfig()):
+    """Held-out next-token loss of a token file (tokenize_data's contract), per sequence kind its data makes:
+    mean cross-entropy over predicted tokens (nats), its exp (perplexity) and top-1 next-token accuracy."""
+    data = tokenize_data.load_tokens(tokens)
+    S, K, kind = data.meta["tokens_per_image"], data.meta["vocab_size"], data.meta["kind"]
+    n_images = min(16, model.args.max_seq_len // S)  # 16 images (N = 16 of stage 2) if the context holds them
+    if n_images == 0 or model.args.vocab_size < K:
+        raise ValueError(f"{tokens}: images of {S} tokens from a {K}-code tokenizer do not fit this model "
+                         f"(context {model.args.max_seq_len}, vocabulary {model.args.vocab_size})")
+    device, rng = next(model.parameters()).device, np.random.default_rng(cfg.seed)
+    n = min(cfg.num_sequences, cfg.limit or cfg.num_sequences)
+    out = {}
+    for name in SEQUENCES[kind]:
+        kwargs = {"single": {}, "natural": dict(n_images=n_images)}.get(name, dict(n_pairs=n_images // 2))
+        seqs = torch.from_numpy(np.stack([tokenize_data.SEQUENCE_BUILDERS[name](data, rng, **kwargs)
+                                          for _ in range(n)]))
+        nll, correct = 0.0, 0
+        for i in tqdm(range(0, n, cfg.batch_size), desc=f"perplexity {name}", unit="batch"):
+            x = seqs[i:i + cfg.batch_size].to(device)
+            logits = model(x[:, :-1])[0][..., :K].float()  # image codes only, as sampling does
+            nll += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+            correct += (logits.argmax(-1) == x[:, 1:]).sum().item()
+        count = n * (seqs.shape[1] - 1)
+        out[name] = dict(loss=nll / count, perplexity=math.exp(nll / count), accuracy=100 * correct / count,
+                         tokens=count)
+    return dict(protocol="perplexity", dataset=Path(str(tokens)).name, kind=kind, model=out)
+
+
+# -----------------------------------------------------------------------------
+# output: Markdown tables in the layout of the paper's Tables 1-3, results.json, PNG grids
+
+COLUMNS = {  # protocol -> (metric, header, decimals)
+    "video": [("fvd", "FVD-16f ↓", 1), ("psnr", "PSNR ↑", 2), ("ssim", "SSIM ↑", 3)],  # Table 1
+    "generation": [("fid", "FID ↓", 1), ("is", "IS ↑", 1)],  # Table 2
+    "segmentation": [("miou", "mIOU ↑", 1), ("fid", "FID ↓", 1)],  # Table 3
+}
+CONDITIONS = {"segmentation": "seg.", "edges": "edge", "depth": "depth"}  # Table 2's "synthesis condition" names
+
+
+def markdown_table(results, model_name="LVM-Lite"):
+    """One Markdown table for results of one protocol (a column group per dataset or condition): a row for the
+    model and a "Ground truth rec." row, as in the paper; a note below names the data and the feature network."""
+    protocol = results[0]["protocol"]
+    if protocol == "perplexity":
+        lines = ["| Model | data | sequence | loss (nats) | perplexity ↓ | next-token acc. (%) ↑ |", "|---" * 6 + "|"]
+        for r in results:
+            lines += [f"| {model_name} | {r['dataset']} | {seq} | {m['loss']:.3f} | {m['perplexity']:.1f} | "
+                      f"{m['accuracy']:.1f} |" for seq, m in r["model"].items()]
+        return "\n".join(lines) + "\n"
+    label = lambda r: r["dataset"] + (f" {CONDITIONS.get(r['condition'], r['condition'])}" if "condition" in r else "")
+    header = ["Model"] + [f"{label(r)} {h}" for r in results for _, h, _ in COLUMNS[protocol]]
+    cell = lambda v, d: "-" if v is None or math.isnan(v) else f"{v:.{d}f}"
+    rows = [[name] + [cell(r[key][k], d) for r in results for k, _, d in COLUMNS[protocol]]
+            for name, key in ((model_name, "model"), ("Ground truth rec.", "gt_rec"))]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+    notes = "; ".join(f"{label(r)}: {r['queries']} queries" for r in results)
+    return "\n".join(lines) + f"\n\n{notes}. Features: {results[0]['features']}.\n"
+
+
+def write_results(results, out, model_name="LVM-Lite"):
+    """out/tables.md (a table per protocol, in the paper's order) and out/results.json; returns the Markdown."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    titles = {"video": "Video prediction (Table 1)", "generation": "Conditional image generation (Table 2)",
+              "segmentation": "Semantic segmentation (Table 3)", "perplexity": "Held-out next-token prediction"}
+    text = ""
+    for protocol, title in titles.items():
+        group = [r for r in results if r["protocol"] == protocol]
+        if group:
+            text += f"## {title}\n\n{markdown_table(group, model_name)}\n"
+    (Path(out) / "tables.md").write_text(text)
+    (Path(out) / "results.json").write_text(json.dumps(_json_safe(results), indent=1))
+    return text
+
+
+def _json_safe(x):
+    """nan (a metric with too few samples) becomes null: JSON has no NaN."""
+    if isinstance(x, (dict, list)):
+        return {k: _json_safe(v) for k, v in x.items()} if isinstance(x, dict) else [_json_safe(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Run the paper's in-context evaluation protocols on a dataset folder "
+                                "and write Markdown tables (the paper's layout), results.json and PNG grids.")
+    p.add_argument("protocol", choices=["video", "generation", "segmentation", "perplexity", "all"],
+                   help="all: every protocol the data supports (the toy world has them all)")
+    p.add_argument("--model", required=True, help="ckpt.pt from training, or a Hugging Face LLaMA directory")
+    p.add_argument("--vqgan", help="VQ-GAN checkpoint directory (vqgan.load_pretrained); all but perplexity")
+    p.add_argument("--data", help="dataset folder: ADE20K, Cityscapes, UCF-101 / frame folders, or a toy world")
+    p.add_argument("--tokens", nargs="+", default=[], help="held-out token files D/NAME (perplexity)")
+    p.add_argument("--out", default="out/eval", help="folder for tables.md, results.json and the grids")
+    p.add_argument("--name", help="model name in the tables (default: from --model)")
+    p.add_argument("--features", choices=["standard", "tiny"], default="standard",
+                   help="standard: Inception (torch-fidelity) and I3D, as the paper; tiny: a random conv net, "
+                   "offline, NOT comparable with the paper's numbers")
+    p.add_argument("--inception_weights", help=f"path of {INCEPTION_FILE} (default: the torch hub cache)")
+    p.add_argument("--i3d_weights", help=f"path of {I3D_FILE} (default: the torch hub cache)")
+    p.add_argument("--annotation", default="segmentation",
+                   help="condition(s) for generation, comma-separated (toy world: segmentation,edges,depth)")
+    p.add_argument("--limit", type=int, help="at most this many queries (or held-out sequences), for quick runs")
+    p.add_argument("--split", default="val")
+    p.add_argument("--prompt_split", help="split the one prompt pair is drawn from (default: --split)")
+    for name, default in (("batch_size", 16), ("top_k", 100), ("seed", 0), ("prompt_frames", 5), ("clip_frames", 16),
+                          ("frame_stride", 1), ("num_sequences", 256)):
+        p.add_argument(f"--{name}", type=int, default=default, help=f"default {default}")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="model weights (default: bf16 on GPU)")
+    args = p.parse_args(argv)
+    if args.protocol != "perplexity" and not (args.vqgan and args.data):
+        p.error(f"{args.protocol} needs --vqgan and --data")
+    if args.protocol == "perplexity" and not args.tokens:
+        p.error("perplexity needs --tokens")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    shared = ("limit", "batch_size", "temperature", "top_k", "seed", "split", "prompt_split", "prompt_frames",
+              "clip_frames", "frame_stride", "num_sequences", "out")
+    cfg = EvalConfig(**{k: getattr(args, k) for k in shared})
+    wanted = ["video", "generation", "segmentation", "perplexity"] if args.protocol == "all" else [args.protocol]
+    runs = [("video", eval_video, cfg)] if "video" in wanted else []
+    if "generation" in wanted:
+        runs += [("generation", eval_generation, replace(cfg, annotation=a)) for a in args.annotation.split(",")]
+    runs += [("segmentation", eval_segmentation, cfg)] if "segmentation" in wanted else []
+    extractors, results = {}, []
+    try:
+        model = load_model(args.model, device, getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda"
+                                                                             else "float32")))
+        if runs:
+            import vqgan as vq
+            tokenizer = vq.load_pretrained(args.vqgan, device)
+        for protocol, run, c in runs:
+            try:  # find the data first: 'all' skips tasks the folder does not have, before loading any weights
+                find_videos(args.data, c.split) if protocol == "video" else find_paired(args.data, c.split,
+                                                                                        c.annotation)
+            except LayoutError as e:
+                if args.protocol != "all":
+                    raise
+                print(f"skipping {protocol}: {e}", file=sys.stderr)
+                continue
+            video = protocol == "video"
+            if video not in extractors:  # each feature network is loaded once, and only when its task runs
+                weights = args.i3d_weights if video else args.inception_weights
+                extractors[video] = make_extractor(args.features, video, device, weights)
+            c = replace(c, **{"video_extractor" if video else "image_extractor": extractors[video]})
+            results.append(run(model, tokenizer, args.data, c))
+        if "perplexity" in wanted:
+            results += [eval_perplexity(model, t, cfg) for t in args.tokens]
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    model_path = Path(args.model)
+    name = args.name or (model_path.parent.name if model_path.is_file() else model_path.name)
+    print(write_results(results, args.out, name) + f"wrote {args.out}/tables.md, results.json and grids")
+
+
+if __name__ == "__main__":
+    main()
