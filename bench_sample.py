@@ -1,0 +1,166 @@
+"""
+Sampling speed: our `generate` (static KV cache, sample.py) against transformers' `generate` on the same weights
+(written with model.save_hf, read back with LlamaForCausalLM.from_pretrained), same prompt, same length, one process.
+
+    OMP_NUM_THREADS=2 python bench_sample.py                               # CPU, tiny random model
+    OMP_NUM_THREADS=1 python bench_sample.py --dim 64 --n_layers 2 --vocab_size 512 --compile   # per-token overhead
+    python bench_sample.py --device cuda --size 300M --batch 1 32 --compile --skip_hf
+
+At batch 1 on a CPU the tiny model's step is mostly reading its 27 MB of float32 weights from memory, which both
+implementations must do; the smaller model shows the per-token overhead of each loop instead. Wall times on a shared
+machine vary with the load; the process CPU time printed beside them is steadier.
+
+On GPU it also prints the memory-bandwidth bound: every decode step reads all parameters once, so a batch of B
+cannot beat B * HBM bandwidth / parameter bytes tokens/s (plus the key/value cache it reads, shown beside it).
+"""
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from configs import MODEL_SIZES
+from model import ModelArgs, Transformer, save_hf
+from sample import generate
+
+# the CPU comparison model: small enough for a shared CPU, the real 8192-code vocabulary
+TINY = dict(dim=256, n_layers=6, n_heads=4, vocab_size=8192, max_seq_len=1024)
+HBM_TBPS = {"H200": 4.8, "H100 NVL": 3.9, "H100 PCIe": 2.0, "H100": 3.35, "A100-SXM4-80GB": 2.04, "A100": 1.56,
+            "L40S": 0.86, "L4": 0.3, "A10G": 0.6, "V100": 0.9, "RTX 4090": 1.0}  # vendor peak figures, TB/s
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(runners, device, repeats):
+    """Time each runner `repeats` times, taking turns so that load from other work on a shared machine hits all of
+    them alike. Per runner: best (least disturbed) and median wall time, least process CPU time (on a CPU shared
+    with other jobs the cleanest measure of the work done), last output."""
+    times, cpu, outputs = {label: [] for label in runners}, {label: [] for label in runners}, {}
+    for _ in range(repeats):
+        for label, fn in runners.items():
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            outputs[label] = fn()
+            sync(device)
+            times[label].append(time.perf_counter() - t0)
+            cpu[label].append(time.process_time() - c0)
+    return {label: (min(t), statistics.median(t), min(cpu[label]), outputs[label]) for label, t in times.items()}
+
+
+def hbm_bandwidth(device, override):
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tb * 1e12 for key, tb in HBM_TBPS.items() if key in name), None)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Tokens/s of our KV-cached generate vs transformers' generate.")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", default=None, choices=sorted(MODEL_SIZES), help="a configs size (default: a tiny "
+                   "dim-256, 6-layer, 8192-vocab model)")
+    p.add_argument("--dim", type=int, default=None, help="tiny model's width (default 256)")
+    p.add_argument("--n_layers", type=int, default=None, help="tiny model's depth (default 6)")
+    p.add_argument("--vocab_size", type=int, default=None, help="tiny model's vocabulary (default 8192)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to measure")
+    p.add_argument("--prompt_len", type=int, default=256, help="prompt tokens (one 256-token image)")
+    p.add_argument("--new", type=int, default=256, help="tokens to generate (one image)")
+    p.add_argument("--top_k", type=int, default=100)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding for both (default: top-k sampling)")
+    p.add_argument("--compile", action="store_true", help="also measure the compiled decode step")
+    p.add_argument("--skip_hf", action="store_true", help="do not run transformers (e.g. large models on GPU)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved; best reported")
+    p.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth in TB/s if the GPU is not known")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+    tiny = {**TINY, **{k: getattr(args, k) for k in ("dim", "n_layers", "vocab_size") if getattr(args, k)}}
+    tiny["hidden_dim"] = (8 * tiny["dim"] // 3 + 15) // 16 * 16  # LLaMA's SwiGLU width, 8/3 d rounded up: 688
+    margs = ModelArgs(**(MODEL_SIZES[args.size] if args.size else tiny))
+    model = Transformer(margs).to(device=device, dtype=dtype).eval()
+    n_params = model.num_params()
+    # bytes each decode step must read: every weight but the input embedding table (one row per token)
+    param_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "tok_emb" not in n)
+    name = args.size or "tiny " + ",".join(f"{k}={v}" for k, v in tiny.items())
+    print(f"model {name}: {n_params / 1e6:.1f}M parameters, {dtype}, {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    temperature = 0.0 if args.greedy else 1.0
+    how = "greedy" if args.greedy else f"top-k {args.top_k}"
+    print(f"prompt {args.prompt_len} tokens, {args.new} new tokens, {how}; times are whole generate calls (prefill "
+          "included)")
+
+    hf = None
+    if not args.skip_hf:
+        from transformers import LlamaForCausalLM
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(model, tmp)
+            hf = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+    def hf_generate(prompt, new, greedy=args.greedy, **extra):
+        with torch.inference_mode():  # min_new_tokens and no eos: exactly `new` tokens, as ours
+            sampling = {} if greedy else dict(do_sample=True, top_k=args.top_k, top_p=1.0, temperature=1.0)
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                               min_new_tokens=new, eos_token_id=None, pad_token_id=0, **sampling, **extra)
+
+    bw = hbm_bandwidth(device, args.hbm_tbps)
+    for B in args.batch:
+        prompt = torch.randint(0, margs.vocab_size, (B, args.prompt_len), device=device)
+        run = lambda compile=False, new=args.new: generate(model, prompt, new, temperature, args.top_k,
+                                                           compile=compile)
+        if hf is not None and B == args.batch[0]:  # same weights: greedy decoding must agree token for token
+            ours, theirs = generate(model, prompt, 32, 0.0), hf_generate(prompt, 32, greedy=True)
+            agree = (ours[:, args.prompt_len:] == theirs[:, args.prompt_len:]).float().mean().item()
+            print(f"greedy agreement with transformers over 32 tokens: {agree:.1%}")
+        runners = {"ours (eager)": run}
+        if args.compile:
+            t0 = time.perf_counter()
+            run(compile=True)  # the first call compiles (and records CUDA graphs)
+            sync(device)
+            print(f"batch {B}: compiling the decode step took {time.perf_counter() - t0:.1f} s")
+            runners["ours (compiled)"] = lambda: run(compile=True)
+        if hf is not None:
+            runners["transformers"] = lambda: hf_generate(prompt, args.new)
+            if device.type == "cuda" or args.compile:
+                runners["transformers (static cache)"] = lambda: hf_generate(prompt, args.new,
+                                                                             cache_implementation="static")
+        for fn in runners.values():  # warm-up: allocator, thread pools, HF's static cache
+            fn()
+        results = interleaved(runners, device, args.repeats)
+        print(f"\nbatch {B} (best of {args.repeats} interleaved runs; median in brackets; load average "
+              f"{os.getloadavg()[0]:.1f}):")
+        on_cpu = device.type == "cpu"
+        for label, (best, median, cpu, out) in results.items():
+            assert out.shape == (B, args.prompt_len + args.new)
+            print(f"  {label:28s} {B * args.new / best:9.1f} tokens/s ({B * args.new / median:.1f})   "
+                  f"{best:7.3f} s per {args.new} tokens = {best / B:.4f} s per image at batch {B}"
+                  + (f"   CPU time {cpu / args.new * 1e3:.2f} ms per step" if on_cpu else ""))
+        if hf is not None:
+            hf_best, hf_median, hf_cpu, _ = results["transformers"]
+            for label, (best, median, cpu, _) in results.items():
+                if label.startswith("ours"):
+                    print(f"  {label} / transformers: {hf_best / best:.2f}x tokens/s (median {hf_median / median:.2f}x"
+                          + (f", CPU time {hf_cpu / cpu:.2f}x)" if on_cpu else ")"))
+        if bw:
+            cache_len = args.prompt_len + args.new
+            kv_bytes = 2 * margs.n_layers * margs.n_kv_heads * margs.head_dim * cache_len * B * dtype.itemsize
+            bound = B * bw / param_bytes
+            print(f"  bandwidth bound ({bw / 1e12:.2f} TB/s): {param_bytes / 1e9:.3f} GB of weights per step -> "
+                  f"{bound:.0f} tokens/s ({args.new * B / bound:.3f} s per {args.new} tokens); with the whole "
+                  f"{kv_bytes / 1e9:.3f} GB static key/value cache read each step too: "
+                  f"{B * bw / (param_bytes + kv_bytes):.0f} tokens/s")
+        elif device.type == "cuda":
+            print("  bandwidth bound: unknown GPU, pass --hbm_tbps")
+
+
+if __name__ == "__main__":
+    main()

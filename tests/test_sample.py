@@ -1,0 +1,231 @@
+"""Sampling: the cached loop equals a naive one, top-k / temperature / codebook do what they say, the context window
+slides image by image, and the command line writes grids, images and GIFs."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import vqgan
+from model import ModelArgs, Transformer, save_hf
+from sample import (generate, images_to_tokens, load_model, sample_images, sample_next, save_grid, tokens_to_images,
+                    window_start)
+
+SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=100, max_seq_len=48)
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(**{**SMALL, **overrides})).eval().double()  # float64: argmax ties cannot flip
+
+
+def naive_greedy(model, prompt, new, tokens_per_image=None):
+    """Re-run the whole visible context for every token (no cache), dropping whole images past max_seq_len."""
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(new):
+            start = window_start(seq.shape[1], model.args.max_seq_len, tokens_per_image)
+            logits = model(seq[:, start:])[0][:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+def draws(logits, n, seed=0, **kwargs):
+    """n samples from one row of logits, as a frequency vector."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = sample_next(logits.expand(n, -1), generator=gen, **kwargs)
+    return torch.bincount(tokens, minlength=logits.shape[-1]).double() / n, tokens
+
+
+def test_greedy_cached_generation_equals_naive_rerun():
+    model = small_model()
+    prompt = torch.randint(0, 100, (3, 7))
+    out = generate(model, prompt, 30, temperature=0.0)
+    assert out.shape == (3, 37) and torch.equal(out[:, :7], prompt)
+    assert torch.equal(out, naive_greedy(model, prompt, 30))
+    assert torch.equal(generate(model, prompt, 30, temperature=1e-6), out)  # T -> 0 is greedy
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
+    freq, tokens = draws(logits, 20000, top_k=5)
+    best = set(logits[0].topk(5).indices.tolist())
+    assert set(tokens.unique().tolist()) == best  # every one of the 5 appears, nothing else
+    expected = torch.zeros(50, dtype=torch.double)
+    expected[list(best)] = torch.softmax(logits[0, list(best)].double(), -1)
+    torch.testing.assert_close(freq, expected, rtol=0, atol=0.015)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_reshapes_the_distribution_as_softmax_of_logits_over_t(temperature):
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    freq, _ = draws(logits, 20000, temperature=temperature, top_k=None)
+    expected = torch.softmax(logits[0].double() / temperature, -1)
+    torch.testing.assert_close(freq, expected, rtol=0, atol=0.015)
+
+
+def test_codes_beyond_the_codebook_are_never_sampled():
+    logits = torch.zeros(1, 8292)
+    logits[0, 8192:] = 100.0  # LVM's 100 unused slots, made overwhelmingly likely
+    _, tokens = draws(logits, 2000, top_k=None, codebook_size=8192)
+    assert tokens.max() < 8192
+    _, tokens = draws(logits, 2000, top_k=100, codebook_size=8192)
+    assert tokens.max() < 8192
+    assert sample_next(logits, temperature=0.0, codebook_size=8192).item() < 8192
+    model = small_model(vocab_size=120)
+    out = generate(model, torch.randint(0, 100, (4, 5)), 40, top_k=None, codebook_size=100)
+    assert out.max() < 100
+
+
+def test_sliding_window_runs_past_the_context_and_matches_a_naive_windowed_rerun():
+    model = small_model()  # context 48 tokens = 6 images of 8
+    prompt = torch.randint(0, 100, (2, 20))
+    out = generate(model, prompt, 60, temperature=0.0, tokens_per_image=8)
+    assert out.shape == (2, 80)
+    assert torch.equal(out, naive_greedy(model, prompt, 60, tokens_per_image=8))
+    long_prompt = torch.randint(0, 100, (1, 70))  # a prompt longer than the context is windowed too
+    out = generate(model, long_prompt, 10, temperature=0.0, tokens_per_image=8)
+    assert torch.equal(out, naive_greedy(model, long_prompt, 10, tokens_per_image=8))
+
+
+def test_window_drops_whole_images_only():
+    assert window_start(48, 48, 8) == 0
+    assert window_start(49, 48, 8) == 8  # one token too many: the oldest image goes
+    assert window_start(57, 48, 8) == 16
+    with pytest.raises(ValueError, match="tokens_per_image"):
+        generate(small_model(), torch.zeros(1, 40, dtype=torch.long), 20)
+
+
+def test_cache_is_allocated_once_per_call_and_released(monkeypatch):
+    model = small_model()
+    calls = []
+    setup = model.setup_cache
+    monkeypatch.setattr(model, "setup_cache", lambda *a, **k: calls.append(a) or setup(*a, **k))
+    generate(model, torch.randint(0, 100, (2, 10)), 60, tokens_per_image=8)  # slides 4 times
+    assert calls == [(2, 48)]  # batch 2, cache of the model's full context: allocated once, never per token
+    assert model.layers[0].attention.kv_cache is None
+
+
+def test_seeds_make_batched_samples_reproducible_and_distinct():
+    model = small_model()
+    prompt = torch.randint(0, 100, (1, 6)).expand(4, -1)
+    run = lambda seed: generate(model, prompt, 20, generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert len({tuple(row.tolist()) for row in a}) == 4  # each row of a batch is its own sample
+
+
+def test_load_model_reads_checkpoints_with_wrapper_prefixes_and_hf_directories(tmp_path):
+    model = small_model().float()
+    state = {f"_orig_mod.module.{k}": v for k, v in model.state_dict().items()}  # compiled + DDP names
+    torch.save({"model": state, "model_args": SMALL, "iter_num": 3}, tmp_path / "ckpt.pt")
+    save_hf(model, tmp_path / "hf")
+    idx = torch.randint(0, 100, (1, 12))
+    for path in (tmp_path / "ckpt.pt", tmp_path, tmp_path / "hf"):
+        loaded = load_model(path)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=1e-5)
+    assert load_model(tmp_path / "hf", dtype=torch.bfloat16).output.weight.dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="ckpt.pt"):
+        load_model(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images and the command line, with a random toy VQ-GAN (32x32 images -> 64 codes of 512)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    torch.manual_seed(0)
+    vqgan.save_pretrained(vqgan.VQGAN(vqgan.CONFIGS["toy"]), root / "vqgan")
+    args = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=512, max_seq_len=256)  # 4 images
+    save_hf(Transformer(ModelArgs(**{**args, "vocab_size": 600})), root / "hf")  # 600 > 512 codes, as LVM's 8292
+    torch.save({"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args}, root / "ckpt.pt")
+    rng = np.random.default_rng(0)
+    for i in range(3):  # non-square, off-size inputs: resized and centre-cropped to 32x32
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    return root
+
+
+def write_video(path, n_frames):
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 48, 40, "yuv420p"
+        for i in range(n_frames):
+            pixels = np.full((40, 48, 3), (30 * i) % 256, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_images_tokens_round_trip_shapes(toy):
+    tokenizer = vqgan.load_pretrained(toy / "vqgan", device="cpu")
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    tokens = images_to_tokens(tokenizer, images)
+    assert tokens.shape == (3, 64) and tokens.dtype == torch.long
+    assert torch.equal(images_to_tokens(tokenizer, images.float() / 255), tokens)
+    back = tokens_to_images(tokenizer, tokens.view(1, 192), 64)
+    assert back.shape == (1, 3, 3, 32, 32) and back.min() >= 0 and back.max() <= 1
+
+
+def test_sample_images_for_prompts_and_unconditional(toy):
+    tokenizer = vqgan.load_pretrained(toy / "vqgan", device="cpu")
+    model = load_model(toy / "hf")
+    prompts = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    out = sample_images(model, tokenizer, prompts, 2, num_samples=2, generator=gen)  # 5 images > 4 in context
+    assert out.shape == (4, 2, 3, 32, 32)
+    assert sample_images(model, tokenizer, None, 1, num_samples=3, generator=gen).shape == (3, 1, 3, 32, 32)
+
+
+def test_save_grid_lays_out_rows_with_blank_cells(tmp_path):
+    rows = [[torch.zeros(3, 8, 8), None, torch.ones(3, 8, 8)], [torch.full((3, 8, 8), 255, dtype=torch.uint8)]]
+    save_grid(rows, tmp_path / "grid.png", gap=2, min_size=16)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == ((2 * 10 - 2) * 2, (3 * 10 - 2) * 2, 3)  # 2 rows, 3 columns, scaled x2
+    assert grid[0, 0].tolist() == [0, 0, 0] and grid[0, -1].tolist() == [255, 255, 255]
+
+
+def test_cli_analogy_writes_grid_and_generated_images(toy, tmp_path):
+    out = tmp_path / "out"
+    sample.main(["--model", str(toy / "hf"), "--vqgan", str(toy / "vqgan"), "--prompt", str(toy / "img0.png"),
+                 str(toy / "img1.png"), "--query", str(toy / "img2.png"), "--num_samples", "2", "--top_k", "50",
+                 "--out_dir", str(out)])
+    grid = Image.open(out / "grid.png")
+    assert grid.size == ((5 * 34 - 2) * 4, (2 * 34 - 2) * 4)  # A1 B1 | Q G, two samples, 32px scaled x4
+    assert sorted(p.name for p in out.glob("sample*.png")) == ["sample00_00.png", "sample01_00.png"]
+    assert Image.open(out / "sample00_00.png").size == (32, 32)
+
+
+def test_cli_video_continuation_slides_past_the_context_and_writes_gifs(toy, tmp_path):
+    write_video(tmp_path / "clip.mp4", 8)
+    out = tmp_path / "out"
+    sample.main(["--model", str(toy / "ckpt.pt"), "--vqgan", str(toy / "vqgan"), "--frames",
+                 str(tmp_path / "clip.mp4"), "--num_frames", "5", "--num_new", "3", "--out_dir", str(out)])
+    assert len(list(out.glob("sample00_*.png"))) == 3  # 5 + 3 frames of 64 tokens > 256-token context
+    assert Image.open(out / "sample00.gif").n_frames == 8
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        Image.open(toy / f"img{i % 3}.png").save(frames / f"{i:03d}.png")
+    sample.main(["--model", str(toy / "ckpt.pt"), "--vqgan", str(toy / "vqgan"), "--frames", str(frames),
+                 "--num_new", "1", "--out_dir", str(out / "folder")])
+    assert Image.open(out / "folder" / "sample00.gif").n_frames == 5
+
+
+def test_cli_unconditional_batches_samples(toy, tmp_path):
+    sample.main(["--model", str(toy / "hf"), "--vqgan", str(toy / "vqgan"), "--unconditional", "--num_samples", "3",
+                 "--batch_size", "2", "--out_dir", str(tmp_path)])
+    assert len(list(tmp_path.glob("sample*_00.png"))) == 3
+    assert Image.open(tmp_path / "grid.png").size == (128, (3 * 34 - 2) * 4)
+
+
+def test_cli_rejects_bad_input_with_one_line(toy, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model", str(toy / "hf"), "--vqgan", str(toy / "vqgan"), "--prompt", str(toy / "img0.png"),
+                     "--query", str(toy / "img1.png")])
+    assert e.value.code == 2 and "pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not found"):
+        sample.main(["--model", str(tmp_path / "nope"), "--vqgan", str(toy / "vqgan"), "--unconditional"])
