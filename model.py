@@ -54,25 +54,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def precompute_rope(head_dim, max_seq_len, theta=10000.0, device=None):
     """Rotary position embedding tables: angle(pos, i) = pos * theta^(-2i/head_dim)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)  # [T, head_dim]: the "rotate half" layout of HF LLaMA
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    # [T, head_dim] in the "rotate half" layout of HF LLaMA; sin's first half negated for apply_rope's swap
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle. x: [B, H, T, hd]; cos/sin: [T, hd].
-    We pair dimension i with i + d/2 (not 2i with 2i+1) so Hugging Face LLaMA weights load without permuting."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate each pair (x_i, x_{i+d/2}) by its position's angle: (a, b) -> (a cos - b sin, b cos + a sin).
+    x: [B, H, T, hd]; cos/sin: [T, hd]. Pairing i with i + d/2 (not 2i with 2i+1) lets Hugging Face LLaMA
+    weights load without permuting; rolling by d/2 swaps the halves, and sin carries the minus sign."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
