@@ -32,6 +32,14 @@ STAGES = {
     "finetune": dict(  # stage 2: 16-image sequences, 4096 tokens
         lr=1.5e-5, min_lr=1.5e-6, warmup_steps=0, max_steps=15639, batch_size=512,
         images_per_seq=16, tokens_per_image=256, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
+    # the same two stages for the `tiny` model on the toy world (32x32 images, 64 tokens each): minutes on a CPU.
+    # Higher learning rates suit the small model; everything else keeps Table 8's shape.
+    "pretrain-toy": dict(
+        lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=3000, batch_size=64,
+        images_per_seq=1, tokens_per_image=64, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
+    "finetune-toy": dict(  # 16 images x 64 tokens = 1024, tiny's whole context
+        lr=3e-4, min_lr=3e-5, warmup_steps=0, max_steps=1000, batch_size=16,
+        images_per_seq=16, tokens_per_image=64, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
 }
 
 # The paper's own figures, printed beside ours by `python model.py --size ...` and checked by the tests.

@@ -1,0 +1,139 @@
+"""
+Stage 2 of LVM-Lite (paper 2.3): fine-tune a stage-1 model on 16-image sequences (4096 tokens) drawn from a
+weighted mixture of natural sequences (16 video frames), discriminative ones (8 "image, annotation" pairs) and
+generative ones (8 "annotation, image" pairs). Table 8's fine-tuning values are the defaults; the training loop is
+pretrain.train, so every setting of pretrain.py works here too.
+
+    python finetune.py --init_from=out/pretrain --data=data/video/train,data/pairs/train --val_data=...
+    python finetune.py --init_from=LVM_ckpts/7b --data=...        # or start from a Hugging Face LLaMA directory
+    torchrun --standalone --nproc_per_node=8 finetune.py --init_from=out/pretrain --data=... --parallel=fsdp
+    T=data/toy_tokens; python finetune.py --stage=finetune-toy --init_from=out/toy-pretrain --device=cpu \\
+        --data=$T/train_video,$T/train_segmentation,$T/train_edges,$T/train_depth \\
+        --val_data=$T/val_video,$T/val_segmentation,$T/val_edges,$T/val_depth --out_dir=out/toy-finetune
+
+--mix picks the kinds of sequences and their weights. The rows of Table 5:
+    --mix=natural:1      --mix=generative:1      --mix=discriminative:1      --mix=random:1
+    --mix=natural:1,generative:1      --mix=natural:1,generative:1,discriminative:1 (the default)
+    --mix=natural:1,generative:1,discriminative:1,random:1
+Each kind reads the --data files whose kind fits it (natural <- video, discriminative and generative <- pairs,
+random <- images), choosing among them in proportion to their size.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import distributed
+import pretrain
+from configs import MODEL_SIZES
+from model import ModelArgs, load_hf
+from pretrain import TrainingError
+
+SETTINGS = {
+    **pretrain.SETTINGS,
+    "size": ("", "model size (configs.MODEL_SIZES); default: that of --init_from, which it must match if given"),
+    "stage": ("finetune", "optimisation defaults: a key of configs.STAGES (Table 8), e.g. finetune-toy"),
+    "data": ("", "sequence token files (tokenize_data.py: video, pairs, images), comma-separated path prefixes"),
+    "out_dir": ("out/finetune", "checkpoint, metrics.jsonl, sample grids and the final Hugging Face export"),
+    "init_from": ("", "stage-1 weights: pretrain.py's ckpt.pt (or its out_dir) or a Hugging Face LLaMA directory"),
+    "mix": ("natural:1,generative:1,discriminative:1", "sequence kinds and their weights, e.g. natural:2,random:1"),
+}
+
+SOURCES = {"natural": ("video",), "discriminative": ("pairs",), "generative": ("pairs",), "random": ("images",)}
+
+
+def parse_mix(text):
+    """'natural:1,generative:0.5' -> {'natural': 1.0, 'generative': 0.5}."""
+    mix = {}
+    for part in filter(None, text.split(",")):
+        kind, _, weight = part.partition(":")
+        if kind not in SOURCES:
+            raise TrainingError(f"--mix: unknown sequence kind {kind!r}; use {', '.join(SOURCES)}")
+        try:
+            mix[kind] = float(weight or 1)
+        except ValueError:
+            raise TrainingError(f"--mix: weight {weight!r} of {kind} is not a number") from None
+        if mix[kind] < 0:
+            raise TrainingError(f"--mix: weight of {kind} is negative")
+    if sum(mix.values()) <= 0:
+        raise TrainingError(f"--mix={text} selects nothing: give at least one kind a positive weight")
+    return {kind: w for kind, w in mix.items() if w > 0}
+
+
+def sequence_mixture(datasets, mix, images_per_seq, seed, flag="--data"):
+    """Stage 2 batches: sequence i is built by a generator seeded with (seed, i), which draws its kind from the
+    mixture, then a dataset of that kind, then the sequence (tokenize_data's builders). Sequence i is the same
+    whichever rank builds it and whenever, so ranks never share a sequence and a resumed run continues exactly."""
+    from tokenize_data import SEQUENCE_BUILDERS
+    kinds = list(mix)
+    weights = np.array([mix[k] for k in kinds]) / sum(mix.values())
+    sources = {}
+    for kind in kinds:
+        fitting = [d for d in datasets if d.meta.get("kind") in SOURCES[kind]]
+        if not fitting:
+            raise TrainingError(f"--mix asks for {kind} sequences, but no file of {flag} is of kind "
+                                f"{' or '.join(SOURCES[kind])}: add one, or drop {kind} from --mix")
+        sizes = np.array([len(d.tokens) for d in fitting], dtype=np.float64)
+        sources[kind] = (fitting, sizes / sizes.sum())
+    if images_per_seq % 2 and ({"discriminative", "generative"} & set(kinds)):
+        raise TrainingError(f"pair sequences need an even --images_per_seq, not {images_per_seq}")
+    length = images_per_seq * datasets[0].tokens.shape[1]
+
+    def get(first, count):
+        out = np.empty((count, length), dtype=np.int64)
+        for j in range(count):
+            rng = np.random.default_rng([seed, first + j])
+            kind = kinds[rng.choice(len(kinds), p=weights)]
+            fitting, p = sources[kind]
+            data = fitting[rng.choice(len(fitting), p=p)]
+            if kind in ("discriminative", "generative"):
+                out[j] = SEQUENCE_BUILDERS[kind](data, rng, n_pairs=images_per_seq // 2)
+            else:
+                out[j] = SEQUENCE_BUILDERS[kind](data, rng, n_images=images_per_seq)
+        return out
+
+    return get
+
+
+def load_stage1(path, size=""):
+    """(ModelArgs, state_dict) to start from: pretrain.py's checkpoint (weights only; optimizer and step start
+    afresh) or a Hugging Face LLaMA directory (LVM's released 7B, DeLVM's models)."""
+    if not path:
+        raise TrainingError("stage 2 starts from stage-1 weights: pass --init_from=out/pretrain (a ckpt.pt of "
+                            "pretrain.py, or its directory) or a Hugging Face LLaMA directory")
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        try:
+            model = load_hf(path, dtype=torch.float32)  # train in float32 whatever the checkpoint's dtype
+        except (OSError, ValueError, KeyError) as e:
+            raise TrainingError(f"--init_from={path}: cannot load the Hugging Face checkpoint ({e})") from e
+        args, state = model.args, model.state_dict()
+    else:
+        ckpt = pretrain.load_checkpoint(path)
+        args, state = ModelArgs(**ckpt["model_args"]), ckpt["model"]
+    if size and ModelArgs(**MODEL_SIZES[size]) != args:
+        raise TrainingError(f"--init_from={path} holds a model that is not --size={size} ({args}); "
+                            "drop --size to use the checkpoint's")
+    return args, state
+
+
+def main(argv=None):
+    c = pretrain.parse_config(argv, SETTINGS, __doc__)
+    try:
+        mix = parse_mix(c.mix)
+        init = None if c.resume else load_stage1(c.init_from, c.size)  # --resume reads out_dir/ckpt.pt instead
+        datasets = pretrain.open_token_files(c.data, c, "--data")
+        val = pretrain.open_token_files(c.val_data, c, "--val_data") if c.val_data else datasets
+        if not c.val_data:
+            print("note: no --val_data; the validation loss is measured on sequences of the training data")
+        pretrain.train(c, sequence_mixture(datasets, mix, c.images_per_seq, c.seed),
+                       sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"), init)
+    except TrainingError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()

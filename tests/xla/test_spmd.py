@@ -1,0 +1,127 @@
+"""The TPU path on 4 virtual CPU devices (torch_xla SPMD), in its own environment (torch_xla 2.9 needs torch 2.9):
+
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 .venv-xla/bin/python -m pytest -q tests/xla -o addopts=""
+
+On a 2x2 (data, fsdp) mesh, pretrain.train must give the losses of plain PyTorch on the CPU, with each parameter
+split over the fsdp axis, one compiled step reused every step, and checkpoints that save whole tensors and resume
+(on XLA or on the CPU)."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+import torch_xla.distributed.spmd as xs
+
+import distributed
+import pretrain
+from configs import MODEL_SIZES
+from model import ModelArgs, Transformer, configure_optimizer
+
+S = 16
+# The XLA runtime starts (in SPMD mode) before any CPU backward pass: PyTorch's autograd engine sizes its device
+# queues on first use and would not know the XLA devices otherwise.
+distributed.setup("xla")
+torch.set_num_threads(1)  # the plain-CPU reference: the tiny model's operations are too small to share
+
+
+def settings(out_dir, *extra):
+    """tiny, 6 steps of 16 sequences = 2 accumulated micro-batches of 8 (XLA: 2 per device x 4 devices)."""
+    return pretrain.parse_config(["--size=tiny", "--stage=pretrain-toy", f"--tokens_per_image={S}",
+                                  "--batch_size=16", "--micro_batch_size=2", "--max_steps=6", "--warmup_steps=2",
+                                  "--log_interval=1", "--eval_interval=3", "--eval_iters=1", "--num_samples=0",
+                                  "--export_hf=false", "--dtype=float32", "--device=xla", "--xla_fsdp=2",
+                                  f"--out_dir={out_dir}", *extra])
+
+
+ON_CPU = ("--device=cpu", "--micro_batch_size=8")
+
+
+def batches(seed, log=None):
+    """Learnable toy images held in memory (the loop only needs get(first, count)); log records, at each call,
+    how many XLA graphs have been compiled so far."""
+    base = np.random.default_rng(seed).integers(0, 500, size=(256, 1))
+    data = SimpleNamespace(tokens=(base + np.arange(S)[None] // 4).astype(np.uint16))
+    get = pretrain.image_sequences([data], 1, seed)
+
+    def logged(first, count):
+        if log is not None:
+            log.append((met.metric_data("CompileTime") or (0,))[0])
+        return get(first, count)
+
+    return logged
+
+
+def run(c, log=None):
+    return pretrain.train(c, batches(0, log), batches(1))
+
+
+@pytest.fixture(scope="module")
+def cpu(tmp_path_factory):
+    return run(settings(tmp_path_factory.mktemp("cpu"), *ON_CPU))
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    return []
+
+
+@pytest.fixture(scope="module")
+def xla(tmp_path_factory, compiles):
+    return run(settings(tmp_path_factory.mktemp("xla")), compiles)
+
+
+def losses(metrics, key="loss"):
+    return [m[key] for m in metrics if key in m]
+
+
+def test_spmd_on_a_2x2_mesh_trains_like_plain_cpu(cpu, xla):
+    assert len(losses(xla)) == len(losses(cpu)) == 6
+    assert losses(xla) == pytest.approx(losses(cpu), abs=1e-5)
+    assert losses(xla, "val_loss") == pytest.approx(losses(cpu, "val_loss"), abs=1e-5)
+    assert losses(cpu)[-1] < losses(cpu)[0]
+
+
+def test_one_compiled_step_serves_every_step(xla, compiles):
+    # step 1 compiles the step (whose optimizer state starts empty) and the logging; step 2 the steady-state step;
+    # the evaluation after step 3 its forward pass; checkpoints compile nothing; then nothing new
+    assert len(compiles) == 6 and compiles[2] > 0
+    assert compiles[3] <= compiles[2] + 2
+    assert compiles[3:] == [compiles[3]] * 3
+
+
+def test_parameters_optimizer_state_and_batches_are_sharded():
+    env = distributed.setup("xla", xla_fsdp=2)
+    assert env.mesh.mesh_shape == (2, 2) and env.mesh.axis_names == ("data", "fsdp")
+    cpu_model = Transformer(ModelArgs(**MODEL_SIZES["tiny"]))
+    cpu_opt = configure_optimizer(cpu_model, 1e-3)
+    cpu_model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))[1].backward()
+    cpu_opt.step()
+    model = distributed.wrap_model(Transformer(ModelArgs(**MODEL_SIZES["tiny"])), env)
+    optimizer = configure_optimizer(model, 1e-3, device_type="xla")
+    distributed.load_optimizer_state(optimizer, cpu_opt.state_dict(), env)
+    # wq [128, 128]: rows split in 2 along the fsdp axis, the halves replicated along the data axis
+    halves = "{devices=[2,1,2]0,2,1,3 last_tile_dim_replicate}"
+    wq = model.layers[0].attention.wq.weight
+    assert torch_xla._XLAC._get_xla_sharding_spec(wq) == halves
+    assert {tuple(s.data.shape) for s in xs.XLAShardedTensor(wq).local_shards} == {(64, 128)}
+    assert torch_xla._XLAC._get_xla_sharding_spec(optimizer.state[wq]["exp_avg"]) == halves
+    assert torch_xla._XLAC._get_xla_sharding_spec(model.output.weight) == halves  # [512, 128]
+    tokens = distributed.to_device([np.zeros((8, S), dtype=np.int64)], env)[0]
+    assert torch_xla._XLAC._get_xla_sharding_spec(tokens) == "{devices=[4,1]0,1,2,3}"  # 2 rows per device
+
+
+def test_checkpoint_saved_under_spmd_resumes_on_xla_and_on_cpu(tmp_path, cpu, xla):
+    first = run(settings(tmp_path, "--stop_at=3"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["model"]["layers.0.attention.wq.weight"].shape == (128, 128)
+    assert ckpt["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
+    saved_at_3 = (tmp_path / "ckpt.pt").read_bytes()
+    resumed = run(settings(tmp_path, "--resume"))
+    assert losses(first + resumed) == pytest.approx(losses(xla), abs=1e-6)
+    on_cpu = run(settings(tmp_path / "cpu", *ON_CPU, "--max_steps=6", "--stop_at=3"))  # the same first half...
+    ckpt_cpu = tmp_path / "cpu" / "ckpt.pt"
+    ckpt_cpu.write_bytes(saved_at_3)  # ...then continue from the XLA checkpoint on the CPU
+    resumed_cpu = run(settings(tmp_path / "cpu", *ON_CPU, "--resume"))
+    assert losses(on_cpu + resumed_cpu) == pytest.approx(losses(cpu), abs=1e-5)
