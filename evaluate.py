@@ -410,7 +410,7 @@ def eval_video(model, vqgan, data, cfg=EvalConfig()):
             if clip is not None:
                 yield clip
 
-    n, store, rows, per_frame = 0, {}, [], {k: [] for k in ("psnr", "ssim", "rec_psnr", "rec_ssim")}
+    n, store, rows, per_frame = 0, {}, [], {k: [] for k in ("psnr", "ssim", "rec_psnr", "rec_ssim", "last_psnr", "last_ssim")}
     bar = tqdm(total=cfg.limit or len(units), desc="video prediction", unit="clip")
     for batch in _batched(itertools.islice(clips(), cfg.limit), cfg.batch_size):
         truth = torch.stack(batch)  # [B, T, 3, R, R]
@@ -420,7 +420,8 @@ def eval_video(model, vqgan, data, cfg=EvalConfig()):
         generated = torch.cat([recon[:, :P], _sample(model, vqgan, tokens[:, :P * S], T - P, cfg, generator)], 1)
         _gather(store, extractor, gen=generated.transpose(1, 2), gt=truth.transpose(1, 2), rec=recon.transpose(1, 2))
         future = lambda x: x[:, P:].flatten(0, 1).float() / 255  # the predicted frames
-        for prefix, x in (("", generated), ("rec_", recon)):
+        repeat_last = truth[:, P - 1:P].expand_as(truth)  # the naive forecast: nothing moves after the prompt
+        for prefix, x in (("", generated), ("rec_", recon), ("last_", repeat_last)):
             per_frame[prefix + "psnr"].append(psnr(future(x), future(truth)).view(B, T - P))
             per_frame[prefix + "ssim"].append(ssim(future(x), future(truth)).view(B, T - P))
         rows += [row for i in range(B) for row in (list(truth[i]), [None] * P + list(generated[i, P:]))]
@@ -437,6 +438,7 @@ def eval_video(model, vqgan, data, cfg=EvalConfig()):
                            ssim_per_frame=frames["ssim"].tolist()),
                 gt_rec=dict(fvd=_fid_is(store, "rec")["fid"], psnr=frames["rec_psnr"].mean().item(),
                             ssim=frames["rec_ssim"].mean().item()),
+                repeat_last=dict(psnr=frames["last_psnr"].mean().item(), ssim=frames["last_ssim"].mean().item()),
                 grid=_save_grid(cfg, f"video_{name}", rows))
 
 
@@ -481,12 +483,16 @@ def eval_generation(model, vqgan, data, cfg=EvalConfig()):
     FID and IS of the generated images against the true images."""
     ds, prompt, pair, n, batches = _answer_queries(model, vqgan, data, cfg, cfg.annotation, False,
                                                    f"generation from {cfg.annotation}")
-    extractor, store, rows = cfg.image_extractor or TinyExtractor(), {}, []
+    extractor, store, rows, psnrs = cfg.image_extractor or TinyExtractor(), {}, [], {"gen": [], "rec": []}
     for query, generated, truth, _ in batches:
-        _gather(store, extractor, gen=generated, gt=truth, rec=_round_trip(vqgan, truth))
+        recon = _round_trip(vqgan, truth)
+        _gather(store, extractor, gen=generated, gt=truth, rec=recon)
+        for name, x in (("gen", generated), ("rec", recon)):  # a weight-free check beside FID
+            psnrs[name].append(psnr(x.float() / 255, truth.float() / 255))
         rows += [pair + [None, q, g, t] for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
+    scores = {name: {**_fid_is(store, name), "psnr": torch.cat(psnrs[name]).mean().item()} for name in psnrs}
     return dict(protocol="generation", dataset=ds.name, condition=cfg.annotation, queries=n, features=extractor.name,
-                prompt=str(prompt[1]), model=_fid_is(store, "gen"), gt_rec=_fid_is(store, "rec"),
+                prompt=str(prompt[1]), model=scores["gen"], gt_rec=scores["rec"],
                 grid=_save_grid(cfg, f"generation_{ds.name}_{cfg.annotation}", rows))
 
 
@@ -547,7 +553,7 @@ def eval_perplexity(model, tokens, cfg=EvalConfig()):
 
 COLUMNS = {  # protocol -> (metric, header, decimals)
     "video": [("fvd", "FVD-16f ↓", 1), ("psnr", "PSNR ↑", 2), ("ssim", "SSIM ↑", 3)],  # Table 1
-    "generation": [("fid", "FID ↓", 1), ("is", "IS ↑", 1)],  # Table 2
+    "generation": [("fid", "FID ↓", 1), ("is", "IS ↑", 1), ("psnr", "PSNR ↑", 2)],  # Table 2, plus PSNR
     "segmentation": [("miou", "mIOU ↑", 1), ("fid", "FID ↓", 1)],  # Table 3
 }
 CONDITIONS = {"segmentation": "seg.", "edges": "edge", "depth": "depth"}  # Table 2's "synthesis condition" names
@@ -566,8 +572,9 @@ def markdown_table(results, model_name="LVM-Lite"):
     label = lambda r: r["dataset"] + (f" {CONDITIONS.get(r['condition'], r['condition'])}" if "condition" in r else "")
     header = ["Model"] + [f"{label(r)} {h}" for r in results for _, h, _ in COLUMNS[protocol]]
     cell = lambda v, d: "-" if v is None or math.isnan(v) else f"{v:.{d}f}"
-    rows = [[name] + [cell(r[key][k], d) for r in results for k, _, d in COLUMNS[protocol]]
-            for name, key in ((model_name, "model"), ("Ground truth rec.", "gt_rec"))]
+    baselines = ((model_name, "model"), ("Ground truth rec.", "gt_rec"), ("Repeat last prompt frame", "repeat_last"))
+    rows = [[name] + [cell(r[key].get(k), d) for r in results for k, _, d in COLUMNS[protocol]]
+            for name, key in baselines if all(key in r for r in results)]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
     notes = "; ".join(f"{label(r)}: {r['queries']} queries" for r in results)
     return "\n".join(lines) + f"\n\n{notes}. Features: {results[0]['features']}.\n"
