@@ -15,19 +15,24 @@ Results: OUT/results.md (the tables) and OUT/results.json; pictures: OUT/eval_*/
 """
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import evaluate
+import vqgan
+from sample import load_model
+
 # Budgets, chosen so the full run fits 15 minutes on a 2-core CPU. Steps, not minutes, so runs are repeatable.
 PROFILES = {
-    "full": dict(world=dict(num_images=3000, num_val_images=300, num_videos=150, num_val_videos=30, frames=20),
-                 vqgan=dict(max_steps=1500, batch_size=16), stage1=dict(max_steps=400, batch_size=32),
-                 stage2=dict(max_steps=300, batch_size=8), eval_limit=64),
+    "full": dict(world=dict(num_images=2000, num_val_images=200, num_videos=120, num_val_videos=30, frames=20),
+                 vqgan=dict(max_steps=800, batch_size=8, warmup_steps=50), stage1=dict(max_steps=300, batch_size=32),
+                 stage2=dict(max_steps=220, batch_size=8), eval_limit=48, ablation_stage2_steps=80),
     "quick": dict(world=dict(num_images=200, num_val_images=40, num_videos=12, num_val_videos=6, frames=20),
                   vqgan=dict(max_steps=40, batch_size=8), stage1=dict(max_steps=30, batch_size=16),
-                  stage2=dict(max_steps=20, batch_size=4), eval_limit=4),
+                  stage2=dict(max_steps=20, batch_size=4), eval_limit=4, ablation_stage2_steps=10),
 }
 # Table 5's rows: which sequence kinds stage 2 mixes (equal weights)
 MIXTURES = {"natural": "natural:1", "generative": "generative:1", "discriminative": "discriminative:1",
@@ -50,49 +55,42 @@ def run(cmd, done_dir, resumable=None):
     done.write_text(f"{time.time() - t0:.1f} seconds\n")
 
 
-def train_models(out, p, stage1_mix=None, mix=MIXTURES["natural+generative+discriminative"], tag=""):
+def train_models(out, p, random_stage1=False, mix=MIXTURES["natural+generative+discriminative"], stage1_tag="",
+                 stage2_tag="", stage2_steps=None):
     """Toy world, tokenizer, tokens (shared by every variant), then stage 1 and stage 2 of one variant."""
     py, world, vq, tok = sys.executable, out / "world", out / "vqgan", out / "tokens"
-    if not (world / ".done").exists():  # toyworld.py replaces its folder, so a half-written world is redone
-        run([py, "toyworld.py", "--out", str(world), "--seed", "0"]
-            + [f"--{k}={v}" for k, v in p["world"].items()], world)
+    run([py, "toyworld.py", "--out", str(world), "--seed", "0"]  # an unfinished world is simply made again
+        + [f"--{k}={v}" for k, v in p["world"].items()], world)
     run([py, "vqgan.py", "--data", str(world / "train"), "--val_data", str(world / "val"), "--config", "toy",
          "--out_dir", str(vq)] + [f"--{k}={v}" for k, v in p["vqgan"].items()], vq, vq / "training_state.pt")
     run([py, "tokenize_data.py", "toyworld", "--root", str(world), "--vqgan", str(vq), "--out", str(tok)], tok)
-    common = ["--size=tiny", "--device=cpu", "--dtype=bfloat16", f"--vqgan={vq}", "--log_interval=20"]
-    s1, s2 = out / f"stage1{tag}", out / f"stage2{tag}"
-    if stage1_mix is None:  # the paper's stage 1: single images, 64 tokens each
-        run([py, "pretrain.py", "--stage=pretrain-toy", f"--data={tok}/train_images",
-             f"--val_data={tok}/val_images", f"--out_dir={s1}", f"--eval_interval={p['stage1']['max_steps']}"]
-            + common + [f"--{k}={v}" for k, v in p["stage1"].items()]
-            + [f"--micro_batch_size={p['stage1']['batch_size']}"], s1, s1 / "ckpt.pt")
-    else:  # the ablation's stage 1: random 16-image sequences with as many tokens (16x fewer sequences)
-        steps, batch = p["stage1"]["max_steps"], max(1, p["stage1"]["batch_size"] // 16)
-        run([py, "finetune.py", "--stage=pretrain-toy", "--images_per_seq=16", f"--mix={stage1_mix}",
-             f"--data={tok}/train_images", f"--val_data={tok}/val_images", f"--out_dir={s1}",
-             f"--max_steps={steps}", f"--batch_size={batch}", f"--micro_batch_size={batch}",
-             f"--eval_interval={steps}"] + common, s1, s1 / "ckpt.pt")
+    common = ["--size=tiny", "--device=cpu", f"--vqgan={vq}", "--log_interval=20"]
+    s1, s2 = out / f"stage1{stage1_tag}", out / f"stage2{stage2_tag}"
+    stage2 = {**p["stage2"], "max_steps": stage2_steps or p["stage2"]["max_steps"]}
+    # stage 1: single images of 64 tokens (the paper), or for Table 4's baseline random 16-image sequences with
+    # as many tokens per step (16x fewer sequences)
+    per_seq = 16 if random_stage1 else 1
+    batch = max(1, p["stage1"]["batch_size"] // per_seq)
+    run([py, "pretrain.py", "--stage=pretrain-toy", f"--images_per_seq={per_seq}", f"--data={tok}/train_images",
+         f"--val_data={tok}/val_images", f"--out_dir={s1}", f"--eval_interval={p['stage1']['max_steps']}",
+         f"--max_steps={p['stage1']['max_steps']}", f"--batch_size={batch}", f"--micro_batch_size={batch}"]
+        + common, s1, s1 / "ckpt.pt")
     seq_data = ",".join(f"{tok}/train_{n}" for n in ("video", "segmentation", "edges", "depth"))
     val_data = ",".join(f"{tok}/val_{n}" for n in ("video", "segmentation", "edges", "depth"))
     run([py, "finetune.py", "--stage=finetune-toy", f"--init_from={s1}", f"--data={seq_data}",
-         f"--val_data={val_data}", f"--mix={mix}", f"--out_dir={s2}", f"--eval_interval={p['stage2']['max_steps']}"]
-        + common + [f"--{k}={v}" for k, v in p["stage2"].items()]
+         f"--val_data={val_data}", f"--mix={mix}", f"--out_dir={s2}", f"--eval_interval={stage2['max_steps']}"]
+        + common + [f"--{k}={v}" for k, v in stage2.items()]
         + [f"--micro_batch_size={p['stage2']['batch_size']}"], s2, s2 / "ckpt.pt")
     return s1, s2
 
 
 def evaluate_models(out, models, p):
     """The paper's protocols (evaluate.py) on the held-out split, for each model; returns {name: results}."""
-    import torch
-    import evaluate
-    import vqgan as vqgan_lib
-    from sample import load_model
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    vq = vqgan_lib.load_pretrained(out / "vqgan")
+    vq = vqgan.load_pretrained(out / "vqgan")
     results = {}
     for name, path in models.items():
         model = load_model(path / "ckpt.pt")
-        cfg = evaluate.EvalConfig(limit=p["eval_limit"], out=str(out / f"eval_{name}"), prompt_split="train")
+        cfg = evaluate.EvalConfig(limit=p["eval_limit"], out=str(out / ("eval_" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))), prompt_split="train")
         seq = evaluate.EvalConfig(limit=p["eval_limit"], seed=1)
         print(f"[run_toy] evaluating {name}", flush=True)
         results[name] = {
@@ -143,30 +141,39 @@ def main():
     p, out = PROFILES[profile], Path(a.out or ("out/toy-quick" if a.quick else "out/toy"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if a.ablation == "pretrain":
-        models = {"single-image stage 1": train_models(out, p)[1],
-                  "random-sequence stage 1": train_models(out, p, stage1_mix="random:1", tag="-randseq")[1]}
+    if a.ablation == "pretrain":  # both stage-1 variants see the same number of tokens, then the same stage 2
+        steps = p["ablation_stage2_steps"]
+        models = {"single-image stage 1": train_models(out, p, stage2_tag="-ab-all", stage2_steps=steps)[1],
+                  "random-sequence stage 1": train_models(out, p, random_stage1=True, stage1_tag="-randseq",
+                                                          stage2_tag="-randseq", stage2_steps=steps)[1]}
         title = "Table 4 in miniature: stage 1 on single images vs on random 16-image sequences (same tokens)"
-    elif a.ablation == "finetune":
-        models = {name: train_models(out, p, mix=mix, tag="" if name.count("+") == 2 else "-" + name.split()[0])[1]
-                  for name, mix in MIXTURES.items()}
+        seconds = {k: float((out / d / ".done").read_text().split()[0]) for k, d in
+                   (("single", "stage1"), ("random", "stage1-randseq"))}
+        notes = (f"Stage-1 wall time: single images {seconds['single']:.0f} s, random 16-image sequences "
+                 f"{seconds['random']:.0f} s: {seconds['random'] / seconds['single']:.2f}x speedup. ")
+    elif a.ablation == "finetune":  # Table 5: every row starts from the same stage 1
+        models = {name: train_models(out, p, mix=mix, stage2_tag=f"-ab-{tag}",
+                                     stage2_steps=p["ablation_stage2_steps"])[1]
+                  for (name, mix), tag in zip(MIXTURES.items(), ("nat", "gen", "disc", "all", "all-rand"))}
         title = "Table 5 in miniature: stage-2 mixtures (natural / generative / discriminative / random)"
     else:
         stage1, stage2 = train_models(out, p)
         models = {"stage 1 only": stage1, "stage 1 + stage 2 (LVM-Lite)": stage2}
         title = "In-context tasks on held-out toy data"
+    if not a.ablation:
+        notes = ""
     train_seconds = time.time() - t0
     results = evaluate_models(out, models, p)
     rows = summary_rows(results)
     name = f"results{'-' + a.ablation if a.ablation else ''}"
     wall = time.time() - t0
     text = markdown(rows, title) + (
-        f"\n{profile} profile, wall time {wall / 60:.1f} min in this run ({train_seconds / 60:.1f} min before "
+        f"\n{notes}{profile} profile, wall time {wall / 60:.1f} min in this run ({train_seconds / 60:.1f} min before "
         "evaluation; steps finished by an earlier run are not counted). *FID with a small random feature network "
         "(toy scale): compare rows, not with the paper.\n")
-    for r in results.values():  # the per-protocol tables, in the paper's layout
+    for model_name, r in results.items():  # the per-protocol tables, in the paper's layout
         for k in ("segmentation", "video", "generation"):
-            text += "\n" + __import__("evaluate").markdown_table([r[k]])
+            text += "\n" + evaluate.markdown_table([r[k]], model_name)
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(dict(rows=rows, results=results, wall_seconds=wall,
                                                       profile=profile), indent=1, default=str))
