@@ -29,10 +29,10 @@ from sample import load_model
 PROFILES = {
     "full": dict(world=dict(num_images=2000, num_val_images=200, num_videos=120, num_val_videos=30, frames=20),
                  vqgan=dict(max_steps=800, batch_size=8, warmup_steps=50), stage1=dict(max_steps=300, batch_size=32),
-                 stage2=dict(max_steps=220, batch_size=8), eval_limit=48, ablation_stage2_steps=80),
+                 stage2=dict(max_steps=220, batch_size=8), eval_limit=48, ablation_stage2_steps=80, num_samples=8),
     "quick": dict(world=dict(num_images=200, num_val_images=40, num_videos=12, num_val_videos=6, frames=20),
                   vqgan=dict(max_steps=40, batch_size=8), stage1=dict(max_steps=30, batch_size=16),
-                  stage2=dict(max_steps=20, batch_size=4), eval_limit=4, ablation_stage2_steps=10),
+                  stage2=dict(max_steps=20, batch_size=4), eval_limit=4, ablation_stage2_steps=10, num_samples=2),
 }
 # Table 5's rows: which sequence kinds stage 2 mixes (equal weights)
 MIXTURES = {"natural": "natural:1", "generative": "generative:1", "discriminative": "discriminative:1",
@@ -64,7 +64,8 @@ def train_models(out, p, random_stage1=False, mix=MIXTURES["natural+generative+d
     run([py, "vqgan.py", "--data", str(world / "train"), "--val_data", str(world / "val"), "--config", "toy",
          "--out_dir", str(vq)] + [f"--{k}={v}" for k, v in p["vqgan"].items()], vq, vq / "training_state.pt")
     run([py, "tokenize_data.py", "toyworld", "--root", str(world), "--vqgan", str(vq), "--out", str(tok)], tok)
-    common = ["--size=tiny", "--device=cpu", f"--vqgan={vq}", "--log_interval=20"]
+    common = ["--size=tiny", "--device=cpu", f"--vqgan={vq}", "--log_interval=20",
+              f"--num_samples={p['num_samples']}"]
     s1, s2 = out / f"stage1{stage1_tag}", out / f"stage2{stage2_tag}"
     stage2 = {**p["stage2"], "max_steps": stage2_steps or p["stage2"]["max_steps"]}
     # stage 1: single images of 64 tokens (the paper), or for Table 4's baseline random 16-image sequences with
@@ -90,7 +91,8 @@ def evaluate_models(out, models, p):
     results = {}
     for name, path in models.items():
         model = load_model(path / "ckpt.pt")
-        cfg = evaluate.EvalConfig(limit=p["eval_limit"], out=str(out / ("eval_" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))), prompt_split="train")
+        pictures = out / ("eval_" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
+        cfg = evaluate.EvalConfig(limit=p["eval_limit"], out=str(pictures), prompt_split="train")
         seq = evaluate.EvalConfig(limit=p["eval_limit"], seed=1)
         print(f"[run_toy] evaluating {name}", flush=True)
         results[name] = {
