@@ -96,7 +96,7 @@ def test_residual_projections_start_smaller():
 
 
 def hf_llama(n_kv_heads):
-    transformers = pytest.importorskip("transformers")  # a test-only dependency
+    import transformers  # a test-only dependency (requirements-dev.txt)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=n_kv_heads, vocab_size=100,
                                       rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False)
@@ -120,7 +120,7 @@ def test_load_hf_gives_transformers_logits(tmp_path, n_kv_heads, layout):
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_save_hf_round_trip_is_exact_and_transformers_reads_it(tmp_path, n_kv_heads):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model = small_model(n_kv_heads=n_kv_heads)
     save_hf(model, tmp_path / "ours", max_shard_bytes=40_000)  # small shards exercise the index file
     back = load_hf(tmp_path / "ours")
