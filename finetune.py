@@ -123,10 +123,7 @@ def main(argv=None):
     try:
         mix = parse_mix(c.mix)
         init = None if c.resume else load_stage1(c.init_from, c.size)  # --resume reads out_dir/ckpt.pt instead
-        datasets = pretrain.open_token_files(c.data, c, "--data")
-        val = pretrain.open_token_files(c.val_data, c, "--val_data") if c.val_data else datasets
-        if not c.val_data:
-            print("note: no --val_data; the validation loss is measured on sequences of the training data")
+        datasets, val = pretrain.open_train_and_val(c)
         pretrain.train(c, sequence_mixture(datasets, mix, c.images_per_seq, c.seed),
                        sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"), init)
     except TrainingError as e:

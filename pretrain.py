@@ -128,6 +128,15 @@ def open_token_files(prefixes, c, flag="--data"):
     return datasets
 
 
+def open_train_and_val(c):
+    """--data and --val_data token files; without --val_data the validation loss is measured on training data."""
+    datasets = open_token_files(c.data, c, "--data")
+    if not c.val_data:
+        print("note: no --val_data; the validation loss is measured on the training data")
+        return datasets, datasets
+    return datasets, open_token_files(c.val_data, c, "--val_data")
+
+
 def image_sequences(datasets, images_per_seq, seed):
     """Stage 1 batches: sequence i holds images i*n .. i*n+n-1 of a random order of all images, drawn anew each
     epoch. Every image is read once per epoch, and no two ranks (different i) read the same image in a step.
@@ -408,10 +417,7 @@ def sample_device(env):
 def main(argv=None):
     c = parse_config(argv)
     try:
-        datasets = open_token_files(c.data, c, "--data")
-        val = open_token_files(c.val_data, c, "--val_data") if c.val_data else datasets
-        if not c.val_data:
-            print("note: no --val_data; the validation loss is measured on training images")
+        datasets, val = open_train_and_val(c)
         train(c, image_sequences(datasets, c.images_per_seq, c.seed),
               image_sequences(val, c.images_per_seq, c.seed + 1))  # another order: other images first
     except TrainingError as e:
