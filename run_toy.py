@@ -28,10 +28,10 @@ from sample import load_model
 # Budgets, chosen so the full run fits 15 minutes on a 2-core CPU. Steps, not minutes, so runs are repeatable.
 PROFILES = {
     "full": dict(world=dict(num_images=2000, num_val_images=200, num_videos=120, num_val_videos=30, frames=20),
-                 vqgan=dict(max_steps=800, batch_size=8, warmup_steps=50), stage1=dict(max_steps=300, batch_size=32),
-                 stage2=dict(max_steps=220, batch_size=8), eval_limit=48, ablation_stage2_steps=80, num_samples=8),
+                 vqgan=dict(max_steps=800, batch_size=16, warmup_steps=50), stage1=dict(max_steps=300, batch_size=32),
+                 stage2=dict(max_steps=440, batch_size=4), eval_limit=48, ablation_stage2_steps=160, num_samples=8),
     "quick": dict(world=dict(num_images=200, num_val_images=40, num_videos=12, num_val_videos=6, frames=20),
-                  vqgan=dict(max_steps=40, batch_size=8), stage1=dict(max_steps=30, batch_size=16),
+                  vqgan=dict(max_steps=40, batch_size=16), stage1=dict(max_steps=30, batch_size=16),
                   stage2=dict(max_steps=20, batch_size=4), eval_limit=4, ablation_stage2_steps=10, num_samples=2),
 }
 # Table 5's rows: which sequence kinds stage 2 mixes (equal weights)
@@ -61,8 +61,14 @@ def train_models(out, p, random_stage1=False, mix=MIXTURES["natural+generative+d
     py, world, vq, tok = sys.executable, out / "world", out / "vqgan", out / "tokens"
     run([py, "toyworld.py", "--out", str(world), "--seed", "0"]  # an unfinished world is simply made again
         + [f"--{k}={v}" for k, v in p["world"].items()], world)
+    # Squared error and a high learning rate, so the flat class colours of the maps survive the round trip (L1 left
+    # blue triangles greenish at this budget: ceiling 0.32 vs 0.86 mIoU after 400 steps). No dead-code restarts:
+    # they re-seed codes where latents are densest, black background, until one flat black patch has ~140 synonym
+    # codes (6.4 bits the decoder ignores but the decoder-only model must predict); without them, 4.4 bits.
     run([py, "vqgan.py", "--data", str(world / "train"), "--val_data", str(world / "val"), "--config", "toy",
-         "--out_dir", str(vq)] + [f"--{k}={v}" for k, v in p["vqgan"].items()], vq, vq / "training_state.pt")
+         "--out_dir", str(vq), "--rec_loss=l2", "--lr=3e-3", "--restart_every=0"]
+        + [f"--{k}={v}" for k, v in p["vqgan"].items()],
+        vq, vq / "training_state.pt")
     run([py, "tokenize_data.py", "toyworld", "--root", str(world), "--vqgan", str(vq), "--out", str(tok)], tok)
     common = ["--size=tiny", "--device=cpu", f"--vqgan={vq}", "--log_interval=20",
               f"--num_samples={p['num_samples']}"]
@@ -76,8 +82,10 @@ def train_models(out, p, random_stage1=False, mix=MIXTURES["natural+generative+d
          f"--val_data={tok}/val_images", f"--out_dir={s1}", f"--eval_interval={p['stage1']['max_steps']}",
          f"--max_steps={p['stage1']['max_steps']}", f"--batch_size={batch}", f"--micro_batch_size={batch}"]
         + common, s1, s1 / "ckpt.pt")
-    seq_data = ",".join(f"{tok}/train_{n}" for n in ("video", "segmentation", "edges", "depth"))
-    val_data = ",".join(f"{tok}/val_{n}" for n in ("video", "segmentation", "edges", "depth"))
+    # stage 2 on the kinds of sequence the evaluation asks about: videos and (image, segmentation) pairs; edges and
+    # depth pairs would take two thirds of the pair sequences away from segmentation at this budget
+    seq_data = ",".join(f"{tok}/train_{n}" for n in ("video", "segmentation"))
+    val_data = ",".join(f"{tok}/val_{n}" for n in ("video", "segmentation"))
     run([py, "finetune.py", "--stage=finetune-toy", f"--init_from={s1}", f"--data={seq_data}",
          f"--val_data={val_data}", f"--mix={mix}", f"--out_dir={s2}", f"--eval_interval={stage2['max_steps']}"]
         + common + [f"--{k}={v}" for k, v in stage2.items()]

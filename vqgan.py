@@ -34,7 +34,7 @@ CONFIGS = {
                      num_embeddings=8192, quantized_embed_dim=64, dropout=0.0, resample_with_conv=True,
                      commitment_cost=0.25),
     # toy world: 32x32 images, f=4 -> 8x8 = 64 codes from 512; small enough to train on a CPU in minutes
-    "toy": dict(resolution=32, num_channels=3, hidden_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
+    "toy": dict(resolution=32, num_channels=3, hidden_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1,
                 attn_resolutions=[], no_attn_mid_block=True, z_channels=64, num_embeddings=512,
                 quantized_embed_dim=16, dropout=0.0, resample_with_conv=False, commitment_cost=0.25,
                 norm_groups=8),

@@ -38,7 +38,7 @@ STAGES = {
         lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=3000, batch_size=64,
         images_per_seq=1, tokens_per_image=64, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
     "finetune-toy": dict(  # 16 images x 64 tokens = 1024, tiny's whole context
-        lr=3e-4, min_lr=3e-5, warmup_steps=0, max_steps=1000, batch_size=16,
+        lr=1e-3, min_lr=1e-4, warmup_steps=0, max_steps=1000, batch_size=16,
         images_per_seq=16, tokens_per_image=64, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
 }
 
