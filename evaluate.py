@@ -502,17 +502,19 @@ def eval_segmentation(model, vqgan, data, cfg=EvalConfig()):
     generated colour map read as classes by nearest palette colour; mIoU (in %, as the paper) over the classes
     present in the ground truth, and FID between generated and true maps."""
     ds, prompt, pair, n, batches = _answer_queries(model, vqgan, data, cfg, "segmentation", True, "segmentation")
-    extractor, store, rows, conf, conf_rec = cfg.image_extractor or TinyExtractor(), {}, [], 0, 0
+    extractor, store, rows, conf, conf_rec, conf_bg = cfg.image_extractor or TinyExtractor(), {}, [], 0, 0, 0
     K = len(ds.palette)
     for query, generated, truth, labels in batches:
         recon = _round_trip(vqgan, truth)
         conf += confusion_matrix(colors_to_classes(generated.permute(0, 2, 3, 1), ds.palette), labels, K)
         conf_rec += confusion_matrix(colors_to_classes(recon.permute(0, 2, 3, 1), ds.palette), labels, K)
+        conf_bg += confusion_matrix(torch.zeros_like(labels), labels, K)  # baseline: class 0 (toy: background) everywhere
         _gather(store, extractor, gen=generated, gt=truth, rec=recon)
         rows += [pair + [None, q, g, t] for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
     return dict(protocol="segmentation", dataset=ds.name, queries=n, features=extractor.name, prompt=str(prompt[1]),
                 num_classes=K, model=dict(miou=100 * miou_from_confusion(conf), fid=_fid_is(store, "gen")["fid"]),
                 gt_rec=dict(miou=100 * miou_from_confusion(conf_rec), fid=_fid_is(store, "rec")["fid"]),
+                first_class=dict(miou=100 * miou_from_confusion(conf_bg)),
                 grid=_save_grid(cfg, f"segmentation_{ds.name}", rows))
 
 

@@ -127,6 +127,7 @@ def summary_rows(results):
                      seg_miou=first["segmentation"]["gt_rec"]["miou"], video_psnr=first["video"]["gt_rec"]["psnr"],
                      gen_psnr=first["generation"]["gt_rec"]["psnr"], gen_fid=first["generation"]["gt_rec"]["fid"]))
     rows.append(dict(model="repeat the last prompt frame", video_psnr=first["video"]["repeat_last"]["psnr"]))
+    rows.append(dict(model="background everywhere (class 0)", seg_miou=first["segmentation"]["first_class"]["miou"]))
     return rows
 
 
