@@ -83,9 +83,10 @@ def train_models(out, p, random_stage1=False, mix=MIXTURES["natural+generative+d
          f"--max_steps={p['stage1']['max_steps']}", f"--batch_size={batch}", f"--micro_batch_size={batch}"]
         + common, s1, s1 / "ckpt.pt")
     # stage 2 on the kinds of sequence the evaluation asks about: videos and (image, segmentation) pairs; edges and
-    # depth pairs would take two thirds of the pair sequences away from segmentation at this budget
-    seq_data = ",".join(f"{tok}/train_{n}" for n in ("video", "segmentation"))
-    val_data = ",".join(f"{tok}/val_{n}" for n in ("video", "segmentation"))
+    # depth pairs would take two thirds of the pair sequences away from segmentation at this budget. The single
+    # images serve only Table 5's random sequences (each kind draws from files of its own kind).
+    seq_data = ",".join(f"{tok}/train_{n}" for n in ("video", "segmentation", "images"))
+    val_data = ",".join(f"{tok}/val_{n}" for n in ("video", "segmentation", "images"))
     run([py, "finetune.py", "--stage=finetune-toy", f"--init_from={s1}", f"--data={seq_data}",
          f"--val_data={val_data}", f"--mix={mix}", f"--out_dir={s2}", f"--eval_interval={stage2['max_steps']}"]
         + common + [f"--{k}={v}" for k, v in stage2.items()]
