@@ -168,12 +168,11 @@ def main():
                                      stage2_steps=p["ablation_stage2_steps"])[1]
                   for (name, mix), tag in zip(MIXTURES.items(), ("nat", "gen", "disc", "all", "all-rand"))}
         title = "Table 5 in miniature: stage-2 mixtures (natural / generative / discriminative / random)"
+        notes = ""
     else:
         stage1, stage2 = train_models(out, p)
         models = {"stage 1 only": stage1, "stage 1 + stage 2 (LVM-Lite)": stage2}
-        title = "In-context tasks on held-out toy data"
-    if not a.ablation:
-        notes = ""
+        title, notes = "In-context tasks on held-out toy data", ""
     train_seconds = time.time() - t0
     results = evaluate_models(out, models, p)
     rows = summary_rows(results)
