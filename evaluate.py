@@ -338,6 +338,8 @@ class EvalConfig:
     image_extractor: object = None  # features for FID/IS; None = TinyExtractor()
     video_extractor: object = None  # features for FVD; None = TinyExtractor(video=True)
     num_sequences: int = 256  # perplexity: held-out sequences per sequence kind
+    prompt_pairs: int = 1  # segmentation: prompt pairs before the query (A.2: one is enough)
+    tasks: tuple = ("segmentation", "edges", "depth")  # the task protocol's annotations (toy world)
     out: str | None = None  # folder for the PNG grids; None = no grid
     grid_rows: int = 8  # rows of a grid: a query each (a clip: two rows, truth above generation)
 
@@ -347,11 +349,13 @@ def _uint8(x):
 
 
 def _sample(model, vqgan, prompt, n_images, cfg, generator):
-    """Sample n_images images after prompt tokens [B, T] (A.2: top-k 100, temperature 1): uint8 [B, n, 3, H, W]."""
+    """Sample n_images images after prompt tokens [B, T] (A.2: top-k 100, temperature 1): (uint8 images
+    [B, n, 3, H, W], their codes [B, n * tokens_per_image])."""
     S, device = codes_per_image(vqgan), next(model.parameters()).device
     seq = generate(model, prompt.to(device), n_images * S, cfg.temperature, cfg.top_k,
                    codebook_size=vqgan.config["num_embeddings"], generator=generator, tokens_per_image=S)
-    return _uint8(tokens_to_images(vqgan, seq[:, -n_images * S:], S).cpu())
+    codes = seq[:, -n_images * S:]
+    return _uint8(tokens_to_images(vqgan, codes, S).cpu()), codes.cpu()
 
 
 def _round_trip(vqgan, images):
@@ -417,7 +421,7 @@ def eval_video(model, vqgan, data, cfg=EvalConfig()):
         B = len(truth)
         tokens = images_to_tokens(vqgan, truth.flatten(0, 1)).view(B, T * S)
         recon = _uint8(tokens_to_images(vqgan, tokens, S).cpu())
-        generated = torch.cat([recon[:, :P], _sample(model, vqgan, tokens[:, :P * S], T - P, cfg, generator)], 1)
+        generated = torch.cat([recon[:, :P], _sample(model, vqgan, tokens[:, :P * S], T - P, cfg, generator)[0]], 1)
         _gather(store, extractor, gen=generated.transpose(1, 2), gt=truth.transpose(1, 2), rec=recon.transpose(1, 2))
         future = lambda x: x[:, P:].flatten(0, 1).float() / 255  # the predicted frames
         repeat_last = truth[:, P - 1:P].expand_as(truth)  # the naive forecast: nothing moves after the prompt
@@ -438,31 +442,39 @@ def eval_video(model, vqgan, data, cfg=EvalConfig()):
                            ssim_per_frame=frames["ssim"].tolist()),
                 gt_rec=dict(fvd=_fid_is(store, "rec")["fid"], psnr=frames["rec_psnr"].mean().item(),
                             ssim=frames["rec_ssim"].mean().item()),
-                repeat_last=dict(psnr=frames["last_psnr"].mean().item(), ssim=frames["last_ssim"].mean().item()),
+                repeat_last=dict(psnr=frames["last_psnr"].mean().item(), ssim=frames["last_ssim"].mean().item(),
+                                 psnr_per_frame=frames["last_psnr"].tolist()),
                 grid=_save_grid(cfg, f"video_{name}", rows))
 
 
-def _prompt_and_queries(data, cfg, annotation):
-    """(paired set, the prompt unit, the query units): one prompt for all queries, drawn by seed from the prompt
-    split (A.2: "we randomly sample one of the training set prompts and use the same prompt for all")."""
+def _prompt_and_queries(data, cfg, annotation, num_prompts=1):
+    """(paired set, the prompts' paired set, the prompt units, the query units): the same prompts for all queries,
+    drawn by seed from the prompt split (A.2: "we randomly sample one of the training set prompts and use the same
+    prompt for all"). The first prompt is the same whatever num_prompts is."""
     ds = find_paired(data, cfg.split, annotation)
     prompts = ds if cfg.prompt_split in (None, cfg.split) else find_paired(data, cfg.prompt_split, annotation)
-    prompt = prompts.units[int(np.random.default_rng(cfg.seed).integers(len(prompts.units)))]
-    queries = [u for u in ds.units if u[1] != prompt[1]][:cfg.limit]
+    if num_prompts > len(prompts.units):
+        raise ValueError(f"{data} has {len(prompts.units)} prompt pairs, fewer than the {num_prompts} asked for")
+    first = int(np.random.default_rng(cfg.seed).integers(len(prompts.units)))
+    rest = [i for i in np.random.default_rng(cfg.seed + 1).permutation(len(prompts.units)) if i != first]
+    chosen = [prompts.units[i] for i in ([first] + rest)[:num_prompts]]
+    queries = [u for u in ds.units if u[1] not in {p[1] for p in chosen}][:cfg.limit]
     if not queries:
-        raise ValueError(f"{data} has no query left besides the prompt pair")
-    return ds, prompts, prompt, queries
+        raise ValueError(f"{data} has no query left besides the prompt pairs")
+    return ds, prompts, chosen, queries
 
 
-def _answer_queries(model, vqgan, data, cfg, annotation, to_annotation, desc):
-    """The in-context image tasks (2.4): one prompt pair, "image, annotation" (to_annotation, e.g. segmentation) or
-    "annotation, image" (generation), then each query. Returns (paired set, prompt unit, prompt images, number of
-    queries, batches of (query, generated answer, true answer, classes or None), uint8 [B, 3, R, R] each)."""
-    size = vqgan.config["resolution"]
-    ds, prompts, prompt, queries = _prompt_and_queries(data, cfg, annotation)
-    image, ann, _ = read_pair(prompts, prompt, size)
-    pair = [image, ann] if to_annotation else [ann, image]
-    prompt_tokens = images_to_tokens(vqgan, torch.stack(pair)).view(1, -1)
+def _answer_queries(model, vqgan, data, cfg, annotation, to_annotation, desc, num_prompts=1):
+    """The in-context image tasks (2.4): prompt pairs, "image, annotation" (to_annotation, e.g. segmentation) or
+    "annotation, image" (generation), then each query. Returns (paired set, prompt units, prompt images, number of
+    queries, batches of (query, generated answer, true answer: uint8 [B, 3, R, R]; classes or None; fraction of
+    the answer's codes equal to the true answer's codes [B]))."""
+    size, S = vqgan.config["resolution"], codes_per_image(vqgan)
+    ds, prompts, chosen, queries = _prompt_and_queries(data, cfg, annotation, num_prompts)
+    pairs = [read_pair(prompts, u, size)[:2] for u in chosen]
+    shown = [im for image, ann in pairs for im in ((image, ann) if to_annotation else (ann, image))]
+    prompt_tokens = images_to_tokens(vqgan, torch.stack(shown)).view(1, -1) if shown else \
+        torch.zeros(1, 0, dtype=torch.long)
     generator = _generator(model, cfg.seed)
 
     def batches():
@@ -470,21 +482,23 @@ def _answer_queries(model, vqgan, data, cfg, annotation, to_annotation, desc):
             images, anns, labels = zip(*[read_pair(ds, u, size) for u in units])
             images, anns = torch.stack(images), torch.stack(anns)
             query, truth = (images, anns) if to_annotation else (anns, images)
-            tokens = torch.cat([prompt_tokens.expand(len(query), -1), images_to_tokens(vqgan, query)], 1)
-            generated = _sample(model, vqgan, tokens, 1, cfg, generator)[:, 0]
-            yield query, generated, truth, torch.stack(labels) if ds.segmentation else None
+            tokens = torch.cat([prompt_tokens.expand(len(query), -1).to(query.device),
+                                images_to_tokens(vqgan, query).cpu()], 1)
+            generated, codes = _sample(model, vqgan, tokens, 1, cfg, generator)
+            accuracy = (codes.cpu() == images_to_tokens(vqgan, truth).cpu()).float().mean(1)
+            yield query, generated[:, 0], truth, torch.stack(labels) if ds.segmentation else None, accuracy
 
-    return ds, prompt, pair, len(queries), batches()
+    return ds, chosen, shown, len(queries), batches()
 
 
 @torch.no_grad()
 def eval_generation(model, vqgan, data, cfg=EvalConfig()):
     """Conditional image generation (Table 2): the prompt pair "annotation, image", then the query's annotation;
     FID and IS of the generated images against the true images."""
-    ds, prompt, pair, n, batches = _answer_queries(model, vqgan, data, cfg, cfg.annotation, False,
-                                                   f"generation from {cfg.annotation}")
+    ds, (prompt,), pair, n, batches = _answer_queries(model, vqgan, data, cfg, cfg.annotation, False,
+                                                      f"generation from {cfg.annotation}")
     extractor, store, rows, psnrs = cfg.image_extractor or TinyExtractor(), {}, [], {"gen": [], "rec": []}
-    for query, generated, truth, _ in batches:
+    for query, generated, truth, _, _ in batches:
         recon = _round_trip(vqgan, truth)
         _gather(store, extractor, gen=generated, gt=truth, rec=recon)
         for name, x in (("gen", generated), ("rec", recon)):  # a weight-free check beside FID
@@ -498,24 +512,98 @@ def eval_generation(model, vqgan, data, cfg=EvalConfig()):
 
 @torch.no_grad()
 def eval_segmentation(model, vqgan, data, cfg=EvalConfig()):
-    """Semantic segmentation (Table 3): the prompt pair "image, segmentation map", then the query image; the
-    generated colour map read as classes by nearest palette colour; mIoU (in %, as the paper) over the classes
-    present in the ground truth, and FID between generated and true maps."""
-    ds, prompt, pair, n, batches = _answer_queries(model, vqgan, data, cfg, "segmentation", True, "segmentation")
+    """Semantic segmentation (Table 3): the prompt pair "image, segmentation map" (cfg.prompt_pairs of them), then
+    the query image; the generated colour map read as classes by nearest palette colour; mIoU (in %, as the paper)
+    over the classes present in the ground truth, FID between generated and true maps, and the share of answer codes
+    equal to the codes of the true map."""
+    ds, chosen, shown, n, batches = _answer_queries(model, vqgan, data, cfg, "segmentation", True, "segmentation",
+                                                    cfg.prompt_pairs)
     extractor, store, rows, conf, conf_rec, conf_bg = cfg.image_extractor or TinyExtractor(), {}, [], 0, 0, 0
-    K = len(ds.palette)
-    for query, generated, truth, labels in batches:
+    K, accuracy = len(ds.palette), []
+    for query, generated, truth, labels, acc in batches:
         recon = _round_trip(vqgan, truth)
         conf += confusion_matrix(colors_to_classes(generated.permute(0, 2, 3, 1), ds.palette), labels, K)
         conf_rec += confusion_matrix(colors_to_classes(recon.permute(0, 2, 3, 1), ds.palette), labels, K)
         conf_bg += confusion_matrix(torch.zeros_like(labels), labels, K)  # baseline: class 0 (toy: background) everywhere
         _gather(store, extractor, gen=generated, gt=truth, rec=recon)
-        rows += [pair + [None, q, g, t] for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
-    return dict(protocol="segmentation", dataset=ds.name, queries=n, features=extractor.name, prompt=str(prompt[1]),
-                num_classes=K, model=dict(miou=100 * miou_from_confusion(conf), fid=_fid_is(store, "gen")["fid"]),
+        accuracy.append(acc)
+        rows += [shown[-2:] + [None, q, g, t] for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
+    return dict(protocol="segmentation", dataset=ds.name, queries=n, features=extractor.name,
+                prompt=str(chosen[0][1]) if chosen else None, prompt_pairs=len(chosen), num_classes=K,
+                model=dict(miou=100 * miou_from_confusion(conf), fid=_fid_is(store, "gen")["fid"],
+                           token_accuracy=100 * torch.cat(accuracy).mean().item()),
                 gt_rec=dict(miou=100 * miou_from_confusion(conf_rec), fid=_fid_is(store, "rec")["fid"]),
                 first_class=dict(miou=100 * miou_from_confusion(conf_bg)),
                 grid=_save_grid(cfg, f"segmentation_{ds.name}", rows))
+
+
+@torch.no_grad()
+def eval_curve(model, vqgan, data, cfg=EvalConfig(), counts=(0, 1, 2, 4, 7)):
+    """The in-context curve: segmentation after 0, 1, 2, 4 and 7 prompt pairs, the same queries each time (with
+    none, the model only sees the query and must guess what follows it). Token accuracy and mIoU per count."""
+    ds = find_paired(data, cfg.split)
+    prompts = ds if cfg.prompt_split in (None, cfg.split) else find_paired(data, cfg.prompt_split)
+    counts = [k for k in counts if k <= len(prompts.units) - (prompts is ds)]  # leave a query in a small split
+    runs = [eval_segmentation(model, vqgan, data, replace(cfg, prompt_pairs=k, out=None)) for k in counts]
+    curve = dict(protocol="curve", dataset=runs[0]["dataset"], queries=runs[0]["queries"], prompt_pairs=list(counts),
+                 token_accuracy=[r["model"]["token_accuracy"] for r in runs], miou=[r["model"]["miou"] for r in runs])
+    if cfg.out:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        curve["plot"] = plot_curve(curve, Path(cfg.out) / f"curve_{curve['dataset']}.png")
+    return curve
+
+
+def plot_curve(curve, path, width=420, height=260):
+    """A small line plot (PIL only) of token accuracy and mIoU (%) against the number of prompt pairs."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 46, width - 12, 30, height - 38
+    x_of = lambda i: left + (right - left) * i / max(1, len(curve["prompt_pairs"]) - 1)
+    y_of = lambda v: bottom - (bottom - top) * v / 100
+    for v in range(0, 101, 20):
+        draw.line([(left, y_of(v)), (right, y_of(v))], fill=(225, 225, 225))
+        draw.text((left - 28, y_of(v) - 6), f"{v}%", fill="black")
+    for i, k in enumerate(curve["prompt_pairs"]):
+        draw.text((x_of(i) - 3, bottom + 6), str(k), fill="black")
+    draw.text(((left + right) // 2 - 40, height - 18), "prompt pairs", fill="black")
+    for n, (key, colour) in enumerate((("token_accuracy", (40, 90, 255)), ("miou", (215, 45, 45)))):
+        points = [(x_of(i), y_of(v)) for i, v in enumerate(curve[key])]
+        draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((left + 10 + 150 * n, 8), {"token_accuracy": "answer-token accuracy", "miou": "mIoU"}[key],
+                  fill=colour)
+    image.save(path)
+    return str(path)
+
+
+@torch.no_grad()
+def eval_tasks(model, vqgan, data, cfg=EvalConfig()):
+    """Does the prompt choose the task? Each held-out query image is asked once per annotation task X, with one
+    prompt pair "image, X" (the same prompt image for every task). Task identified: the answer is nearer (pixel
+    MSE) to the query's X than to its other annotations. Uses the query: nearer to its own query's X than to
+    another query's X. Reports both (%), the task x nearest-truth table and a picture: one query, a row per task."""
+    size, tasks = vqgan.config["resolution"], list(cfg.tasks)
+    answers, truths, rows = {}, {}, []
+    for task in tasks:
+        ds, (prompt,), shown, n, batches = _answer_queries(model, vqgan, data, cfg, task, True, f"task {task}")
+        answers[task], truths[task] = map(torch.cat, zip(*[(generated, truth) for _, generated, truth, _, _ in batches]))
+        query = read_pair(ds, _prompt_and_queries(data, cfg, task)[3][0], size)[0]
+        rows.append(shown + [None, query, answers[task][0], truths[task][0]])
+    if n < 2:
+        raise ValueError("the task protocol needs at least 2 queries (one answer is compared with another's truth)")
+    mse = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    nearest, identified, uses_query = {}, {}, {}
+    for task in tasks:
+        distances = torch.stack([mse(answers[task], truths[other]) for other in tasks], 1)  # [N, tasks]
+        winner = distances.argmin(1)
+        nearest[task] = {other: 100 * (winner == j).float().mean().item() for j, other in enumerate(tasks)}
+        identified[task] = nearest[task][task]
+        other_query = truths[task].roll(1, 0)  # the previous query's truth (the last query's for the first)
+        uses_query[task] = 100 * (distances[:, tasks.index(task)] < mse(answers[task], other_query)).float().mean().item()
+    return dict(protocol="tasks", dataset="toy", queries=n, tasks=tasks, identified=identified,
+                uses_query=uses_query, nearest=nearest, grid=_save_grid(cfg, "tasks_toy", rows))
 
 
 SEQUENCES = {"images": ["single"], "video": ["natural"], "pairs": ["discriminative", "generative"]}
@@ -565,6 +653,20 @@ def markdown_table(results, model_name="LVM-Lite"):
     """One Markdown table for results of one protocol (a column group per dataset or condition): a row for the
     model and a "Ground truth rec." row, as in the paper; a note below names the data and the feature network."""
     protocol = results[0]["protocol"]
+    if protocol == "tasks":
+        r = results[0]
+        lines = ["| prompt pair of | " + " | ".join(f"answer nearest {t} (%)" for t in r["tasks"]) +
+                 " | nearer own query than another (%) |", "|---" * (len(r["tasks"]) + 2) + "|"]
+        lines += [f"| {t} | " + " | ".join(f"{r['nearest'][t][o]:.1f}" for o in r["tasks"]) +
+                  f" | {r['uses_query'][t]:.1f} |" for t in r["tasks"]]
+        return "\n".join(lines) + f"\n\n{r['queries']} queries, one prompt pair each; nearest by pixel MSE.\n"
+    if protocol == "curve":
+        r = results[0]
+        lines = ["| prompt pairs | " + " | ".join(map(str, r["prompt_pairs"])) + " |",
+                 "|---" * (len(r["prompt_pairs"]) + 1) + "|",
+                 "| answer-token accuracy (%) | " + " | ".join(f"{v:.1f}" for v in r["token_accuracy"]) + " |",
+                 "| segmentation mIoU (%) | " + " | ".join(f"{v:.1f}" for v in r["miou"]) + " |"]
+        return "\n".join(lines) + f"\n\n{r['queries']} queries, the same at every count.\n"
     if protocol == "perplexity":
         lines = ["| Model | data | sequence | loss (nats) | perplexity ↓ | next-token acc. (%) ↑ |", "|---" * 6 + "|"]
         for r in results:
@@ -586,7 +688,8 @@ def write_results(results, out, model_name="LVM-Lite"):
     """out/tables.md (a table per protocol, in the paper's order) and out/results.json; returns the Markdown."""
     Path(out).mkdir(parents=True, exist_ok=True)
     titles = {"video": "Video prediction (Table 1)", "generation": "Conditional image generation (Table 2)",
-              "segmentation": "Semantic segmentation (Table 3)", "perplexity": "Held-out next-token prediction"}
+              "segmentation": "Semantic segmentation (Table 3)", "tasks": "The prompt chooses the task",
+              "curve": "In-context curve", "perplexity": "Held-out next-token prediction"}
     text = ""
     for protocol, title in titles.items():
         group = [r for r in results if r["protocol"] == protocol]
@@ -611,8 +714,9 @@ def _json_safe(x):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Run the paper's in-context evaluation protocols on a dataset folder "
                                 "and write Markdown tables (the paper's layout), results.json and PNG grids.")
-    p.add_argument("protocol", choices=["video", "generation", "segmentation", "perplexity", "all"],
-                   help="all: every protocol the data supports (the toy world has them all)")
+    p.add_argument("protocol", choices=["video", "generation", "segmentation", "tasks", "curve", "perplexity", "all"],
+                   help="tasks, curve: the toy world's task-choice and 0-7 prompt-pair checks; all: every protocol "
+                   "the data supports (the toy world has them all)")
     p.add_argument("--model", required=True, help="ckpt.pt from training, or a Hugging Face LLaMA directory")
     p.add_argument("--vqgan", help="VQ-GAN checkpoint directory (vqgan.load_pretrained); all but perplexity")
     p.add_argument("--data", help="dataset folder: ADE20K, Cityscapes, UCF-101 / frame folders, or a toy world")
@@ -649,11 +753,13 @@ def main(argv=None):
     shared = ("limit", "batch_size", "temperature", "top_k", "seed", "split", "prompt_split", "prompt_frames",
               "clip_frames", "frame_stride", "num_sequences", "out")
     cfg = EvalConfig(**{k: getattr(args, k) for k in shared})
-    wanted = ["video", "generation", "segmentation", "perplexity"] if args.protocol == "all" else [args.protocol]
+    everything = ["video", "generation", "segmentation", "tasks", "curve", "perplexity"]
+    wanted = everything if args.protocol == "all" else [args.protocol]
     runs = [("video", eval_video, cfg)] if "video" in wanted else []
     if "generation" in wanted:
         runs += [("generation", eval_generation, replace(cfg, annotation=a)) for a in args.annotation.split(",")]
-    runs += [("segmentation", eval_segmentation, cfg)] if "segmentation" in wanted else []
+    protocols = {"segmentation": eval_segmentation, "tasks": eval_tasks, "curve": eval_curve}
+    runs += [(name, run, cfg) for name, run in protocols.items() if name in wanted]
     extractors, results = {}, []
     try:
         model = load_model(args.model, device, getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda"
@@ -663,8 +769,10 @@ def main(argv=None):
             tokenizer = vq.load_pretrained(args.vqgan, device)
         for protocol, run, c in runs:
             try:  # find the data first: 'all' skips tasks the folder does not have, before loading any weights
-                find_videos(args.data, c.split) if protocol == "video" else find_paired(args.data, c.split,
-                                                                                        c.annotation)
+                if protocol == "video":
+                    find_videos(args.data, c.split)
+                for annotation in c.tasks if protocol == "tasks" else [] if protocol == "video" else [c.annotation]:
+                    find_paired(args.data, c.split, annotation)
             except LayoutError as e:
                 if args.protocol != "all":
                     raise

@@ -96,6 +96,37 @@ def sequence_mixture(datasets, mix, images_per_seq, seed, flag="--data"):
     return get
 
 
+IN_CONTEXT_PAIRS = (0, 1, 2, 4, 7)  # prompt pairs before an answer, as in the evaluation's in-context curve
+
+
+def in_context_probe(datasets, seed, num_sequences=32):
+    """probe(model) -> {annotation: {pairs: %}}: for held-out pairs of each pairs file, the share of answer tokens
+    the model gets right when it writes the answer itself (greedy) after 0, 1, 2, 4 or 7 example pairs and the
+    query image. Logged at every evaluation, it shows in-context learning appear: with no example the answer is a
+    guess among the tasks; after one, the model knows which mapping to apply."""
+    from sample import generate
+    from tokenize_data import discriminative_sequence
+    rng, probes = np.random.default_rng([seed, 2]), {}
+    for data in (d for d in datasets if d.meta.get("kind") == "pairs"):
+        name = data.meta.get("annotation") or "pairs"
+        probes[name] = (torch.from_numpy(np.stack([discriminative_sequence(data, rng, max(IN_CONTEXT_PAIRS) + 1)
+                                                   for _ in range(num_sequences)])), data.meta.get("vocab_size"))
+    if not probes:
+        return None
+
+    def probe(model):
+        out = {}
+        for name, (seqs, codebook) in probes.items():
+            S = seqs.shape[1] // (2 * max(IN_CONTEXT_PAIRS) + 2)
+            seqs, out[name] = seqs.to(model.output.weight.device), {}
+            for k in IN_CONTEXT_PAIRS:  # prompt: pairs 0..k-1 and the image of pair k; answer: its annotation
+                answer = generate(model, seqs[:, :(2 * k + 1) * S], S, temperature=0, codebook_size=codebook)[:, -S:]
+                out[name][str(k)] = 100 * (answer == seqs[:, (2 * k + 1) * S:(2 * k + 2) * S]).float().mean().item()
+        return out
+
+    return probe
+
+
 def load_stage1(path, size=""):
     """(ModelArgs, state_dict) to start from: pretrain.py's checkpoint (weights only; optimizer and step start
     afresh) or a Hugging Face LLaMA directory (LVM's released 7B, DeLVM's models)."""
@@ -124,8 +155,9 @@ def main(argv=None):
         mix = parse_mix(c.mix)
         init = None if c.resume else load_stage1(c.init_from, c.size)  # --resume reads out_dir/ckpt.pt instead
         datasets, val = pretrain.open_train_and_val(c)
+        probe = in_context_probe(val, c.seed) if c.images_per_seq >= 2 * max(IN_CONTEXT_PAIRS) + 2 else None
         pretrain.train(c, sequence_mixture(datasets, mix, c.images_per_seq, c.seed),
-                       sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"), init)
+                       sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"), init, probe)
     except TrainingError as e:
         sys.exit(f"error: {e}")
     finally:

@@ -260,10 +260,11 @@ def save_sample_grid(model, tokens, c, path, vqgan=None):
 # the training loop, shared by both stages
 
 
-def train(c, get_batch, get_eval_batch, init=None):
+def train(c, get_batch, get_eval_batch, init=None, probe=None):
     """Train with settings c. get_batch(first, count) / get_eval_batch(first, count) return int64 sequences
     [count, images_per_seq * tokens_per_image]; init = (ModelArgs, state_dict) starts from given weights (stage 2)
-    instead of random ones. Returns the logged metrics of this run."""
+    instead of random ones; probe(model) -> dict, if given, is logged at each evaluation (stage 2's in-context
+    accuracy). Returns the logged metrics of this run."""
     try:
         env = distributed.setup(c.device, c.parallel, c.xla_fsdp)
     except (ValueError, RuntimeError, ImportError) as e:
@@ -374,11 +375,21 @@ def train(c, get_batch, get_eval_batch, init=None):
             raise TrainingError(f"the loss became {record['loss']} (validation {record.get('val_loss')}) by step "
                                 f"{step}: training diverged and stops here; {kept}. Lower --lr or --grad_clip, "
                                 "or lengthen --warmup_steps, then --resume")
+        whole = None  # a plain whole-weights copy on the main process, for the probe and the sample grid
+        if evaluating:
+            model_state, optim_state = distributed.full_state(raw_model, optimizer, env)  # every rank takes part
+            if env.is_main and (probe or c.num_samples):
+                whole = model_from_state(args, model_state, sample_device(env))
+            if whole is not None and probe:
+                record["in_context"] = probe(whole)
         metrics.append(record)
         mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
         val = f" | val {record['val_loss']:.4f}" if evaluating else ""
         say(f"step {step}/{c.max_steps} | loss {loss:.4f}{val} | lr {lr:.2e} | "
             f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {mfu} | {dt * 1e3:.0f} ms/step")
+        for name, accuracy in record.get("in_context", {}).items():
+            say(f"  in-context, {name}: answer tokens right (greedy) after " +
+                ", ".join(f"{k} pairs {v:.0f}%" for k, v in accuracy.items()))
         if env.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -386,7 +397,6 @@ def train(c, get_batch, get_eval_batch, init=None):
         if not evaluating:
             continue
 
-        model_state, optim_state = distributed.full_state(raw_model, optimizer, env)  # every rank takes part
         if env.is_main:
             save_checkpoint(ckpt_path, dict(model=model_state, optimizer=optim_state, model_args=asdict(args),
                                             step=step, data_position=seen, config=vars(c),
@@ -395,8 +405,8 @@ def train(c, get_batch, get_eval_batch, init=None):
                 if c.vqgan and vqgan is None:
                     import vqgan as vqgan_module
                     vqgan = vqgan_module.load_pretrained(c.vqgan, device=sample_device(env))
-                save_sample_grid(model_from_state(args, model_state, sample_device(env)),
-                                 get_eval_batch(0, c.num_samples), c, out_dir / f"samples_{step:06d}.png", vqgan)
+                save_sample_grid(whole, get_eval_batch(0, c.num_samples), c, out_dir / f"samples_{step:06d}.png",
+                                 vqgan)
         last_saved = step
         distributed.barrier(env)
         t0 = time.time()  # the time spent evaluating and saving is not training time

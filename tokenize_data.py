@@ -357,6 +357,19 @@ def _fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def _stamps(units):
+    """(size, mtime) of every input file: a file rewritten in place (a toy world drawn anew) changes the job."""
+    def stamp(path):
+        try:
+            st = os.stat(path)
+            return [st.st_size, st.st_mtime_ns]
+        except OSError:
+            return None
+    paths = {"image": lambda u: [u[1]], "tar": lambda u: [u[1]], "video": lambda u: [u[1]], "skip": lambda u: [],
+             "pair": lambda u: [u[1], u[2]], "frames": lambda u: [os.path.join(u[1], n) for n in u[2]]}
+    return [[stamp(p) for p in paths[u[0]](u)] for u in units]
+
+
 def _complete(prefix, fingerprint):
     """The metadata of a finished file of the same job, else None."""
     try:
@@ -396,7 +409,7 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
     from torch.utils.data import DataLoader
     from tqdm import tqdm
     S, block = (opts["size"] // model.downsample_factor) ** 2, block or BLOCK[kind]
-    job = _fingerprint(kind, units, opts, tokenizer["sha256"], block)
+    job = _fingerprint(kind, units, _stamps(units), opts, tokenizer["sha256"], block)
     fingerprint = job if num_shards == 1 else _fingerprint(job, shard_id, num_shards)
     blocks = [units[i:i + block] for i in range(0, len(units), block)]  # a shard is a run of whole blocks
     lo, hi = len(blocks) * shard_id // num_shards, len(blocks) * (shard_id + 1) // num_shards

@@ -3,19 +3,21 @@ The toy world: a tiny procedurally generated visual world in which every task of
 so that the whole method (VQ-GAN, single-image pre-training, sequence fine-tuning, in-context evaluation) can be
 trained and checked on a CPU in minutes. It is to LVM-Lite what shakespeare_char is to nanoGPT.
 
-    python toyworld.py --out data/toyworld --seed 0          # 33,000 small PNGs, deterministic given --seed
+    python toyworld.py --out data/toyworld --seed 0          # small PNGs, deterministic given --seed
 
-What is in it (all 32x32 RGB PNG):
-- images: 1-3 shapes (square, circle, triangle) of random colour and size on a varied simple background (solid,
-  gradient or faint stripes). The class is the shape, never its colour: colours are random per shape.
-- three annotations per image, same file stem:
+What is in it (all 32x32 RGB PNG; a toy tokenizer reads it as 4x4 cells of 8x8 pixels, one token each):
+- images: 1-3 shapes (square, circle, triangle) of 8, 12 or 16 px on a tinted grey background, flat or with a
+  gentle ramp. Positions and sizes sit on a 4-px grid. The class decides the hue (squares red, circles green,
+  triangles blue, each jittered), so what a cell shows says which class it holds: each answer token of a task
+  follows from the query at and near the same place, and the prompt decides which mapping applies.
+- three annotations per image, same file stem, three tasks for the same images:
     segmentation/  flat class colours in the fixed PALETTE (background black), the answer to "image -> segmentation"
     edges/         white object boundaries on black
-    depth/         depth-like order on a ground plane: lower in the picture = nearer = brighter and drawn on top, so
-                   both the occlusion and the grey level follow from what the image shows
-- videos: frame folders of shapes moving with constant integer velocity (4-7 px per frame, at least one 4-px token
-  cell of a f=4 tokenizer) and bouncing elastically off the borders, so repeating the last frame predicts badly
-  while the next frame follows exactly from the previous two.
+    depth/         depth-like order on a ground plane: lower in the picture = nearer = brighter and drawn on top
+- videos: frame folders of a camera panning right at 4 px per frame (half a cell) along a wide strip of scene:
+  shapes drift left through the view and out of it, new ones come in from the right, and every second frame is
+  the one two before it shifted by exactly one cell. The background is a gentle ramp, so no frame repeats one
+  before it (repeating the last frame never scores a perfect frame).
 - a held-out split: val/ is drawn from its own random streams, so its pictures are not those of train/.
 
 Layout, readable by tokenize_data.py's generic commands (image folder, frame folders, pairs matched by stem):
@@ -42,17 +44,25 @@ CLASSES = ("background", "square", "circle", "triangle")
 # segmentation colours, index = class; flat and far apart so a nearest-colour read-out of a decoded map is easy
 PALETTE = np.array([[0, 0, 0], [255, 40, 40], [40, 220, 40], [40, 90, 255]], dtype=np.uint8)
 SPLITS = {"train": 0, "val": 1}
-DEFAULTS = dict(size=32, num_images=6000, num_val_images=600, num_videos=300, num_val_videos=30, frames=20)
-MIN_SIDE, MAX_SIDE = 9, 15  # shape sizes in pixels: 2-4 token cells of a f=4 tokenizer
-MIN_SPEED, MAX_SPEED = 4.0, 7.0  # pixels per frame
+DEFAULTS = dict(size=32, num_images=10000, num_val_images=200, num_videos=1000, num_val_videos=100, frames=20)
+GRID = 4  # shapes' positions and sides are multiples of GRID px, so an 8x8 token cell shows few partial shapes
+SIDES = (8, 12, 16)  # shape sizes in pixels: 1-2 token cells of a f=8 tokenizer
+# the class decides the shape's hue (squares red, circles green, triangles blue), each channel jittered by
+# +-COLOUR_JITTER; backgrounds are greys tinted by at most +-TINT per channel. So what a token shows says its class.
+CLASS_COLOURS = np.array([[0, 0, 0], [215, 45, 45], [45, 190, 45], [55, 85, 230]])
+COLOUR_JITTER, TINT = 30, 15
+PAN = 4  # video camera speed, px per frame: half a token cell
+SHAPES_PER_VIEW = 1.5  # shapes in a video's scene per view-sized area
+VIDEO_RAMP = 40  # grey levels the background of a video's scene changes by from one side to the other
 DEPTH_NEAR, DEPTH_FAR = 255, 80  # depth grey = FAR + (NEAR - FAR) * (shape's bottom edge) / size
-COLOUR_MIN_DISTANCE = 110  # RGB distance of a shape's colour from the background (and 70 from other shapes)
 
 
 def shape_mask(cls, x, y, side, size):
-    """Boolean [size, size] mask of shape `cls` with its bounding box's top-left corner at (x, y)."""
-    centres = np.arange(size) + 0.5
-    u, v = (centres[None, :] - x) / side, (centres[:, None] - y) / side  # [0, 1) inside the bounding box
+    """Boolean [H, W] mask of shape `cls` with its bounding box's top-left corner at (x, y); size = H = W, or
+    (H, W)."""
+    height, width = (size, size) if np.isscalar(size) else size
+    u = (np.arange(width)[None, :] + 0.5 - x) / side  # [0, 1) inside the bounding box
+    v = (np.arange(height)[:, None] + 0.5 - y) / side
     inside = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
     if CLASSES[cls] == "circle":
         return inside & ((u - 0.5) ** 2 + (v - 0.5) ** 2 < 0.25)
@@ -61,51 +71,37 @@ def shape_mask(cls, x, y, side, size):
     return inside
 
 
-def background(rng, size):
-    """Float [size, size, 3]: a solid colour, a linear gradient of random direction, or faint stripes."""
-    c1 = rng.integers(0, 256, 3).astype(np.float64)
-    kind = rng.integers(3)
-    if kind == 0:
-        return np.broadcast_to(c1, (size, size, 3)).copy()
-    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
-    if kind == 1:
-        c2 = np.clip(c1 + rng.integers(-90, 91, 3), 0, 255)
-        a = rng.uniform(0, 2 * np.pi)
-        t = xx * np.cos(a) + yy * np.sin(a)
-        t = (t - t.min()) / (t.max() - t.min())
-        return c1 + t[..., None] * (c2 - c1)
-    c2 = np.clip(c1 + rng.integers(-40, 41, 3), 0, 255)
-    period = rng.integers(4, 9)
-    axis = (xx, yy, xx + yy)[rng.integers(3)] * (size - 1)
-    return np.where(((axis // period) % 2 == 0)[..., None], c1, c2)
+def background(rng, size, ramp=None):
+    """Float [H, W, 3] (size = H = W, or (H, W)): a tinted grey, plus a linear ramp of `ramp` grey levels across
+    the picture in a random direction (None: a ramp of up to 50 levels or none, evenly)."""
+    height, width = (size, size) if np.isscalar(size) else size
+    c1 = rng.uniform(60, 190) + rng.uniform(-TINT, TINT, 3)
+    if ramp is None:
+        ramp = rng.uniform(-50, 50) if rng.integers(2) else 0.0
+    yy, xx = np.mgrid[0:height, 0:width]
+    a = rng.uniform(0, 2 * np.pi)
+    t = xx * np.cos(a) + yy * np.sin(a)
+    t = (t - t.min()) / max(t.max() - t.min(), 1e-9)
+    return c1 + t[..., None] * ramp
 
 
-def shape_colour(rng, bg_mean, others):
-    """A random colour far from the background and from the other shapes' colours (best of 100 tries)."""
-    best, best_score = None, -1.0
-    for _ in range(100):
-        c = rng.integers(0, 256, 3)
-        score = min([np.linalg.norm(c - bg_mean) / COLOUR_MIN_DISTANCE] +
-                    [np.linalg.norm(c - o) / 70 for o in others])
-        if score >= 1:
-            return c
-        if score > best_score:
-            best, best_score = c, score
-    return best
+def shape_colour(rng, cls):
+    """The class's hue, each channel jittered."""
+    return np.clip(CLASS_COLOURS[cls] + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
 
 
-def render(bg, shapes, size):
+def render(bg, shapes):
     """Draw shapes far-to-near: (image uint8 [H, W, 3], class map, instance map (0 = background), depth grey).
     shapes: list of dicts with cls, x, y, side, colour. Nearer = lower bottom edge (a ground plane)."""
     image = bg.copy()
-    classes = np.zeros((size, size), np.uint8)
-    instances = np.zeros((size, size), np.uint8)
-    depth = np.zeros((size, size), np.uint8)
+    classes = np.zeros(bg.shape[:2], np.uint8)
+    instances = np.zeros(bg.shape[:2], np.uint8)
+    depth = np.zeros(bg.shape[:2], np.uint8)
     for k, s in enumerate(sorted(shapes, key=lambda s: s["y"] + s["side"]), start=1):
-        m = shape_mask(s["cls"], s["x"], s["y"], s["side"], size)
+        m = shape_mask(s["cls"], s["x"], s["y"], s["side"], bg.shape[:2])
         image[m] = s["colour"]
         classes[m], instances[m] = s["cls"], k
-        depth[m] = round(DEPTH_FAR + (DEPTH_NEAR - DEPTH_FAR) * (s["y"] + s["side"]) / size)
+        depth[m] = round(DEPTH_FAR + (DEPTH_NEAR - DEPTH_FAR) * (s["y"] + s["side"]) / bg.shape[0])
     return np.round(image).astype(np.uint8), classes, instances, depth
 
 
@@ -117,20 +113,19 @@ def edges(instances):
     return (c != p[:-2, 1:-1]) | (c != p[2:, 1:-1]) | (c != p[1:-1, :-2]) | (c != p[1:-1, 2:])
 
 
-def sample_shapes(rng, bg, size, max_overlap=0.25):
-    """1-3 shapes fully inside the picture; each overlaps the others' boxes by at most max_overlap of its box
-    (the last of 30 tries otherwise)."""
+def sample_shapes(rng, size, max_overlap=0.25):
+    """1-3 shapes fully inside the picture, on the GRID; each overlaps the others' boxes by at most max_overlap of
+    its box (the last of 30 tries otherwise)."""
     shapes = []
     for _ in range(rng.integers(1, 4)):
         for _ in range(30):
-            side = int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
-            x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))
+            side = int(rng.choice(SIDES))
+            x, y = (int(v) * GRID for v in rng.integers(0, (size - side) // GRID + 1, 2))
             overlap = max([_box_overlap((x, y, side), (s["x"], s["y"], s["side"])) for s in shapes], default=0)
             if overlap <= max_overlap:
                 break
         cls = int(rng.integers(1, len(CLASSES)))
-        colour = shape_colour(rng, bg[y:y + side, x:x + side].reshape(-1, 3).mean(0), [s["colour"] for s in shapes])
-        shapes.append(dict(cls=cls, x=x, y=y, side=side, colour=colour))
+        shapes.append(dict(cls=cls, x=x, y=y, side=side, colour=shape_colour(rng, cls)))
     return shapes
 
 
@@ -144,41 +139,27 @@ def _box_overlap(a, b):
 def make_image(rng, size):
     """One picture with its three annotations, each uint8 [H, W, 3]."""
     bg = background(rng, size)
-    image, classes, instances, depth = render(bg, sample_shapes(rng, bg, size), size)
+    image, classes, instances, depth = render(bg, sample_shapes(rng, size))
     grey = lambda a: np.repeat(a[..., None], 3, axis=2)
     return dict(images=image, segmentation=PALETTE[classes], edges=grey(edges(instances).astype(np.uint8) * 255),
                 depth=grey(depth))
 
 
-def bounce(p0, v, t, span):
-    """Position at frame t of a point moving at v per frame inside [0, span], reflecting elastically at the ends
-    (a triangle wave: the speed is constant, only the direction flips)."""
-    if span == 0:
-        return 0
-    q = (p0 + v * t) % (2 * span)
-    return q if q <= span else 2 * span - q
-
-
-def velocity(rng):
-    """Integer (vx, vy) pixels per frame, so every frame is pixel-exact, with speed in [MIN_SPEED, MAX_SPEED]."""
-    while True:
-        v = rng.integers(-int(MAX_SPEED), int(MAX_SPEED) + 1, 2)
-        if MIN_SPEED <= np.hypot(*v) <= MAX_SPEED:
-            return v
-
-
 def make_video(rng, size, frames):
-    """uint8 [frames, H, W, 3]: a fixed background, 1-3 shapes moving with constant velocity and bouncing."""
-    bg = background(rng, size)
-    shapes = sample_shapes(rng, bg, size, max_overlap=1.0)  # moving shapes cross anyway
-    for s in shapes:
-        s["v"] = velocity(rng)
-    out = np.empty((frames, size, size, 3), np.uint8)
-    for t in range(frames):
-        moved = [dict(s, x=bounce(s["x"], s["v"][0], t, size - s["side"]),
-                      y=bounce(s["y"], s["v"][1], t, size - s["side"])) for s in shapes]
-        out[t] = render(bg, moved, size)[0]
-    return out
+    """uint8 [frames, H, W, 3]: the camera pans right at PAN px per frame along a wide strip of scene scattered with
+    shapes, so shapes drift left through the view and leave it while new ones come in from the right. The scene's
+    background is a gentle ramp, so no two frames are alike even when no shape is in view."""
+    width = size + (frames - 1) * PAN  # the strip holds every frame's view
+    bg = background(rng, (size, width), ramp=VIDEO_RAMP * rng.choice([-1, 1]))
+    shapes = []
+    for _ in range(rng.poisson(SHAPES_PER_VIEW * width / size)):
+        side = int(rng.choice(SIDES))
+        x = int(rng.integers(0, (width - side) // GRID + 1)) * GRID
+        y = int(rng.integers(0, (size - side) // GRID + 1)) * GRID
+        cls = int(rng.integers(1, len(CLASSES)))
+        shapes.append(dict(cls=cls, x=x, y=y, side=side, colour=shape_colour(rng, cls)))
+    scene = render(bg, shapes)[0]
+    return np.stack([scene[:, t * PAN:t * PAN + size] for t in range(frames)])
 
 
 def _rng(seed, split, kind, index):
@@ -218,7 +199,7 @@ def generate(out, seed=0, workers=None, **counts):
         for _ in pool.imap_unordered(_write_item, jobs, chunksize=64):
             pass
     meta = dict(toyworld=1, seed=seed, image_size=c["size"], classes=list(CLASSES), palette=PALETTE.tolist(),
-                frames_per_video=c["frames"], speed_px_per_frame=[MIN_SPEED, MAX_SPEED],
+                frames_per_video=c["frames"], pan_px_per_frame=PAN,
                 splits={s: dict(images=n, videos=v) for s, (n, v) in per_split.items()},
                 annotations=["segmentation", "edges", "depth"])
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -237,8 +218,8 @@ def main(argv=None):
     for k in ("num_images", "num_val_images", "num_videos", "num_val_videos", "frames"):
         p.add_argument(f"--{k}", type=int, help=f"default {DEFAULTS[k]}" + (" (per video)" if k == "frames" else ""))
     args = p.parse_args(argv)
-    if args.size is not None and args.size < 2 * MAX_SIDE:
-        p.error(f"--size must be at least {2 * MAX_SIDE} pixels (shapes are up to {MAX_SIDE} px)")
+    if args.size is not None and args.size < 2 * max(SIDES):
+        p.error(f"--size must be at least {2 * max(SIDES)} pixels (shapes are up to {max(SIDES)} px)")
     t0 = time.time()
     try:
         meta = generate(args.out, args.seed, **{k: v for k, v in vars(args).items() if k not in ("out", "seed")})

@@ -33,11 +33,12 @@ CONFIGS = {
                      num_res_blocks=2, attn_resolutions=[], no_attn_mid_block=True, z_channels=64,
                      num_embeddings=8192, quantized_embed_dim=64, dropout=0.0, resample_with_conv=True,
                      commitment_cost=0.25),
-    # toy world: 32x32 images, f=4 -> 8x8 = 64 codes from 512; small enough to train on a CPU in minutes
-    "toy": dict(resolution=32, num_channels=3, hidden_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1,
+    # toy world: 32x32 images -> 4x4 = 16 codes (f=8) from 512. A patch codec: each code comes from its own 8x8
+    # patch and paints it back (PatchEncoder/PatchDecoder); data-dependent init (PCA, k-means) does most of the work
+    "toy": dict(resolution=32, num_channels=3, hidden_channels=16, channel_mult=[1, 2, 2, 4], num_res_blocks=1,
                 attn_resolutions=[], no_attn_mid_block=True, z_channels=64, num_embeddings=512,
-                quantized_embed_dim=16, dropout=0.0, resample_with_conv=False, commitment_cost=0.25,
-                norm_groups=8),
+                quantized_embed_dim=64, dropout=0.0, resample_with_conv=False, commitment_cost=0.25,
+                norm_groups=8, patch_encoder=True, patch_decoder=True),
     # a small f16 model (256x256 -> 16x16 codes, the paper's layout) for CPU experiments on real photos
     "small-f16": dict(resolution=256, num_channels=3, hidden_channels=32, channel_mult=[1, 1, 2, 2, 4],
                       num_res_blocks=1, attn_resolutions=[], no_attn_mid_block=True, z_channels=64,
@@ -46,7 +47,7 @@ CONFIGS = {
 }
 # our fields beyond open-muse's, with the released model's behaviour as default. GroupNorm needs several channels
 # per group: with one, every channel is zero-mean per image and the decoder cannot output the image's mean colour.
-EXTRA_FIELDS = dict(norm_groups=32, l2_normalize_codes=False)
+EXTRA_FIELDS = dict(norm_groups=32, l2_normalize_codes=False, patch_encoder=False, patch_decoder=False)
 CONFIG_FILE, STATE_FILE = "config.json", "training_state.pt"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -130,6 +131,33 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class PatchEncoder(nn.Module):
+    """Each f x f patch alone -> one latent, by a linear projection (a convolution with kernel = stride = f). A code
+    then depends on its own patch only, so a flat colour has exactly one code. (The taming encoder's 3x3
+    convolutions and GroupNorm let a code depend on the patch's surroundings: synonym codes that the decoder
+    renders alike but a sequence model must still predict.)"""
+
+    def __init__(self, c):
+        super().__init__()
+        f = 2 ** (len(c["channel_mult"]) - 1)
+        self.conv_in = nn.Conv2d(c["num_channels"], c["z_channels"], f, stride=f)
+
+    def forward(self, x):
+        return self.conv_in(x)
+
+
+class PatchDecoder(nn.Module):
+    """The mirror of PatchEncoder: a transposed convolution (kernel = stride = f) paints each code's patch."""
+
+    def __init__(self, c):
+        super().__init__()
+        f = 2 ** (len(c["channel_mult"]) - 1)
+        self.conv_out = nn.ConvTranspose2d(c["z_channels"], c["num_channels"], f, stride=f)
+
+    def forward(self, z):
+        return self.conv_out(z)
+
+
 class Decoder(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -204,7 +232,8 @@ class VQGAN(nn.Module):
             raise ValueError(f"hidden_channels * channel_mult must be multiples of norm_groups ({c['norm_groups']})")
         self.config = c
         self.downsample_factor = 2 ** (len(c["channel_mult"]) - 1)
-        self.encoder, self.decoder = Encoder(c), Decoder(c)
+        self.encoder = (PatchEncoder if c["patch_encoder"] else Encoder)(c)
+        self.decoder = (PatchDecoder if c["patch_decoder"] else Decoder)(c)
         self.quant_conv = nn.Conv2d(c["z_channels"], c["quantized_embed_dim"], 1)
         self.quantize = VectorQuantizer(c["num_embeddings"], c["quantized_embed_dim"], c["commitment_cost"],
                                         c["l2_normalize_codes"])
@@ -431,17 +460,55 @@ def load_lpips(device):
 
 
 @torch.no_grad()
+def pca_init_patch_codec(model, images, gen, n=32768):
+    """Data-dependent init of a patch encoder and decoder: project each patch on its principal directions and
+    paint it back from them (quant_conv and post_quant_conv start as identities), so the untrained codec already
+    keeps what varies most; k-means then places the codes."""
+    enc, dec, f = model.encoder.conv_in, model.decoder.conv_out, model.downsample_factor
+    x = images[torch.randperm(len(images), generator=gen)[:max(1, n // (images.shape[2] // f) ** 2)]].float().div(255)
+    channel_mean = x.mean((0, 2, 3))
+    patches = F.unfold(x - channel_mean[None, :, None, None], f, stride=f).transpose(1, 2).reshape(-1, enc.weight[0].numel())
+    directions = torch.zeros(enc.out_channels, patches.shape[1])  # rows beyond the patch's size stay zero
+    principal = torch.linalg.svd(patches, full_matrices=False).Vh[:enc.out_channels]  # orthonormal rows
+    directions[:len(principal)] = principal
+    enc.weight.copy_(directions.view_as(enc.weight))
+    enc.bias.copy_(-directions.view(enc.out_channels, -1, f * f).sum(2) @ channel_mean)
+    dec.weight.copy_(directions.view_as(dec.weight))
+    dec.bias.copy_(channel_mean)
+    for conv in (model.quant_conv, model.post_quant_conv):
+        conv.weight.copy_(torch.eye(conv.out_channels, conv.in_channels).view_as(conv.weight))
+        conv.bias.zero_()
+
+
+def spread_picks(z, n, gen, centres=None):
+    """n rows of z picked one by one with probability proportional to the squared distance from the nearest row
+    picked so far (or of `centres`): k-means++ seeding. Unlike uniform picks, it never takes many copies of the
+    commonest latent (a flat background): with a patch-local encoder, all its patches have one latent."""
+    nearest = torch.cdist(z, centres).min(1).values.pow(2) if centres is not None and len(centres) else None
+    picks = []
+    for _ in range(n):
+        if nearest is None or nearest.sum() <= 0:
+            i = int(torch.randint(len(z), (1,), generator=gen))
+        else:
+            i = int(torch.multinomial(nearest.cpu(), 1, generator=gen))
+        picks.append(i)
+        d = (z - z[i]).pow(2).sum(1)
+        nearest = d if nearest is None else torch.minimum(nearest, d)
+    return z[picks].clone()
+
+
+@torch.no_grad()
 def kmeans_init_codebook(model, images, gen, iters=10):
-    """Data-dependent init: k-means over encoder outputs, so every code starts where the data is."""
+    """Data-dependent init: k-means (k-means++ seeding) over encoder outputs, so every code starts where data is."""
     K, batch_size = model.config["num_embeddings"], min(64, max(1, 2 ** 20 // images[0].numel()))
     z = []
-    while sum(t.shape[0] for t in z) < 4 * K:
+    while sum(t.shape[0] for t in z) < max(8 * K, 32768):
         x = images[torch.randint(len(images), (batch_size,), generator=gen)]
         lat = model.latents(x.float().div(255).to(next(model.parameters()).device))
         z.append(lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1]))
     z = torch.cat(z)
     z = F.normalize(z, dim=1) if model.quantize.l2_normalize else z
-    centres = z[torch.randperm(len(z), generator=gen)[:K]].clone()
+    centres = spread_picks(z, K, gen)
     for _ in range(iters):
         assign = torch.cdist(z, centres).argmin(1)
         sums = torch.zeros_like(centres).index_add_(0, assign, z)
@@ -452,13 +519,14 @@ def kmeans_init_codebook(model, images, gen, iters=10):
 
 @torch.no_grad()
 def restart_dead_codes(model, usage, x, gen):
-    """Dead-code restart: codes no training batch picked since the last check jump to random current latents."""
+    """Dead-code restart: codes no training batch picked since the last check jump to current latents, picked
+    far from the live codes (k-means++ style), so they go where the codebook is thin."""
     dead = (usage == 0).nonzero().squeeze(1)
     if len(dead):
         lat = model.latents(x)
         z = lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1])
-        pick = torch.randint(len(z), (len(dead),), generator=gen).to(z.device)
-        model.quantize.embedding.weight.data[dead] = z[pick]
+        live = model.quantize.embedding.weight.data[usage > 0]
+        model.quantize.embedding.weight.data[dead] = spread_picks(z, len(dead), gen, live)
     return len(dead)
 
 
@@ -552,6 +620,8 @@ def train(args):
         usage, step = state["usage"], int(state["step"])
         print(f"resumed from {out} at step {step}")
     elif args.kmeans_init:
+        if model.config["patch_encoder"] and model.config["patch_decoder"]:
+            pca_init_patch_codec(model, train_images, gen)
         kmeans_init_codebook(model, train_images, gen)
     lpips = load_lpips(device) if args.perceptual_weight > 0 else None
     print(f"discriminator starts at step {args.disc_start} (weight {args.disc_weight}, adaptive)")
@@ -636,7 +706,7 @@ SETTINGS = dict(
     disc_start=(2000, "step at which the PatchGAN discriminator switches on"),
     disc_weight=(0.1, "GAN loss weight, times taming's adaptive weight"),
     disc_layers=(2, "PatchGAN stride-2 layers"), disc_channels=(32, "PatchGAN first-layer width"),
-    kmeans_init=(1, "1: initialise the codebook by k-means on encoder outputs"),
+    kmeans_init=(1, "1: initialise the codebook by k-means on encoder outputs (a patch codec: PCA first)"),
     restart_every=(100, "re-seed codes unused for this many steps from current latents (0 = off)"),
     eval_interval=(500, "steps between held-out evals, PNG grids and checkpoints"),
     eval_images=(512, "held-out images per eval"), seed=(0, "random seed"),

@@ -5,15 +5,17 @@ Model sizes (Table 7) and training stages (Table 8), as plain dicts.
     args = ModelArgs(**MODEL_SIZES["300M"])
     hyper = STAGES["pretrain"]          # overridable on the command line as --key=value
 
-Every size uses the VQ-GAN's 8192-code vocabulary and untied input/output embeddings, except `tiny` (the toy
-world's 512-code tokenizer, 64 tokens per 32x32 image) and `lvm-7b` (LVM's released checkpoint: 8292 = 8192 codes
-plus 100 unused slots).
+Every size uses the VQ-GAN's 8192-code vocabulary and untied input/output embeddings, except `tiny` and `small`
+(the toy world's 512-code tokenizer, 16 tokens per 32x32 image) and `lvm-7b` (LVM's released checkpoint: 8292 =
+8192 codes plus 100 unused slots).
 """
 
 # Table 7: model architectures. hidden_dim is the paper's "MLP dim" (SwiGLU width).
 MODEL_SIZES = {
-    # trains on a laptop CPU in minutes: 16 toy images of 64 tokens fit its 1024-token context
-    "tiny": dict(dim=128, n_layers=4, n_heads=4, hidden_dim=384, vocab_size=512, max_seq_len=1024),
+    # the toy world's models: 16 toy images of 16 tokens fill their 256-token context. tiny trains on a laptop
+    # CPU in minutes, small is for the toy world on a GPU
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, hidden_dim=384, vocab_size=512, max_seq_len=256),
+    "small": dict(dim=256, n_layers=8, n_heads=8, hidden_dim=768, vocab_size=512, max_seq_len=256),
     "300M": dict(dim=1024, n_layers=22, n_heads=8, hidden_dim=2688, vocab_size=8192, max_seq_len=4096),
     "600M": dict(dim=1536, n_layers=22, n_heads=16, hidden_dim=4096, vocab_size=8192, max_seq_len=4096),
     "1B": dict(dim=2048, n_layers=22, n_heads=16, hidden_dim=5504, vocab_size=8192, max_seq_len=4096),
@@ -32,14 +34,14 @@ STAGES = {
     "finetune": dict(  # stage 2: 16-image sequences, 4096 tokens
         lr=1.5e-5, min_lr=1.5e-6, warmup_steps=0, max_steps=15639, batch_size=512,
         images_per_seq=16, tokens_per_image=256, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
-    # the same two stages for the `tiny` model on the toy world (32x32 images, 64 tokens each): minutes on a CPU.
-    # Higher learning rates suit the small model; everything else keeps Table 8's shape.
+    # the same two stages for the toy world (32x32 images, 16 tokens each): minutes on a CPU. Higher learning
+    # rates suit the small models; everything else keeps Table 8's shape.
     "pretrain-toy": dict(
-        lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=3000, batch_size=64,
-        images_per_seq=1, tokens_per_image=64, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
-    "finetune-toy": dict(  # 16 images x 64 tokens = 1024, tiny's whole context
-        lr=1e-3, min_lr=1e-4, warmup_steps=0, max_steps=1000, batch_size=16,
-        images_per_seq=16, tokens_per_image=64, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
+        lr=1e-3, min_lr=1e-4, warmup_steps=50, max_steps=200, batch_size=128,
+        images_per_seq=1, tokens_per_image=16, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
+    "finetune-toy": dict(  # 16 images x 16 tokens = 256, the toy models' whole context
+        lr=2e-3, min_lr=2e-4, warmup_steps=0, max_steps=1600, batch_size=8,
+        images_per_seq=16, tokens_per_image=16, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
 }
 
 # The paper's own figures, printed beside ours by `python model.py --size ...` and checked by the tests.

@@ -285,13 +285,17 @@ def test_segmentation_protocol_on_the_toy_world(lvm, tokenizer, toy, tmp_path):
 def test_segmentation_of_an_oracle_scores_100_miou(lvm, tokenizer, toy, monkeypatch):
     """A "model" that answers with the true map of each query: mIoU 100 and FID 0, so queries meet their truths."""
     cfg = EvalConfig(limit=4, batch_size=3)
-    ds, _, prompt, queries = evaluate._prompt_and_queries(toy, cfg, "segmentation")
+    ds, _, (prompt,), queries = evaluate._prompt_and_queries(toy, cfg, "segmentation")
     assert len(queries) == 4 and prompt not in queries
     truths = iter([read_pair(ds, u, 32)[1] for u in queries])
-    monkeypatch.setattr(evaluate, "_sample", lambda model, vq, prompt, n, cfg, gen:
-                        torch.stack([next(truths) for _ in range(len(prompt))])[:, None])
+    def oracle(model, vq, prompt, n, cfg, gen):
+        answers = torch.stack([next(truths) for _ in range(len(prompt))])
+        return answers[:, None], evaluate.images_to_tokens(vq, answers)
+
+    monkeypatch.setattr(evaluate, "_sample", oracle)
     r = eval_segmentation(lvm, tokenizer, toy, cfg)
     assert r["model"]["miou"] == pytest.approx(100) and r["model"]["fid"] == pytest.approx(0, abs=1e-6)
+    assert r["model"]["token_accuracy"] == pytest.approx(100)
 
 
 @pytest.mark.parametrize("layout", ["ade20k", "cityscapes"])
@@ -349,7 +353,9 @@ def test_command_line_writes_tables_json_and_grids(lvm, tokenizer, toy, tmp_path
     assert "| Ground truth rec. |" in tables and "toy seg. FID ↓" in tables and "toy edge IS ↑" in tables
     assert "not comparable with the paper" in tables
     results = json.loads((out / "results.json").read_text())
-    assert [r["protocol"] for r in results] == ["video", "generation", "generation", "segmentation", "perplexity"]
+    assert [r["protocol"] for r in results] == ["video", "generation", "generation", "segmentation", "tasks", "curve",
+                                                "perplexity"]
+    assert results[5]["prompt_pairs"] == [0, 1, 2, 4] and "The prompt chooses the task" in tables
     assert all((out / f"{name}.png").is_file() for name in ("video_toy", "segmentation_toy",
                                                              "generation_toy_edges"))
 

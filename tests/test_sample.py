@@ -132,7 +132,7 @@ def test_load_model_reads_checkpoints_with_wrapper_prefixes_and_hf_directories(t
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# images and the command line, with a random toy VQ-GAN (32x32 images -> 64 codes of 512)
+# images and the command line, with a random toy VQ-GAN (32x32 images -> 16 codes of 512)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     torch.manual_seed(0)
     vqgan.save_pretrained(vqgan.VQGAN(vqgan.CONFIGS["toy"]), root / "vqgan")
-    args = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=512, max_seq_len=256)  # 4 images
+    args = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=512, max_seq_len=64)  # 4 images
     save_hf(Transformer(ModelArgs(**{**args, "vocab_size": 600})), root / "hf")  # 600 > 512 codes, as LVM's 8292
     torch.save({"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args}, root / "ckpt.pt")
     rng = np.random.default_rng(0)
@@ -164,9 +164,9 @@ def test_images_tokens_round_trip_shapes(toy):
     tokenizer = vqgan.load_pretrained(toy / "vqgan", device="cpu")
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     tokens = images_to_tokens(tokenizer, images)
-    assert tokens.shape == (3, 64) and tokens.dtype == torch.long
+    assert tokens.shape == (3, 16) and tokens.dtype == torch.long
     assert torch.equal(images_to_tokens(tokenizer, images.float() / 255), tokens)
-    back = tokens_to_images(tokenizer, tokens.view(1, 192), 64)
+    back = tokens_to_images(tokenizer, tokens.view(1, 48), 16)
     assert back.shape == (1, 3, 3, 32, 32) and back.min() >= 0 and back.max() <= 1
 
 
@@ -204,7 +204,7 @@ def test_cli_video_continuation_slides_past_the_context_and_writes_gifs(toy, tmp
     out = tmp_path / "out"
     sample.main(["--model", str(toy / "ckpt.pt"), "--vqgan", str(toy / "vqgan"), "--frames",
                  str(tmp_path / "clip.mp4"), "--num_frames", "5", "--num_new", "3", "--out_dir", str(out)])
-    assert len(list(out.glob("sample00_*.png"))) == 3  # 5 + 3 frames of 64 tokens > 256-token context
+    assert len(list(out.glob("sample00_*.png"))) == 3  # 5 + 3 frames of 16 tokens > 64-token context
     assert Image.open(out / "sample00.gif").n_frames == 8
     frames = tmp_path / "frames"
     frames.mkdir()

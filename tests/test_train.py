@@ -75,7 +75,7 @@ def test_defaults_are_table8_and_every_value_is_overridable():
     assert (f.lr, f.min_lr, f.warmup_steps, f.batch_size, f.images_per_seq * f.tokens_per_image) == \
         (1.5e-5, 1.5e-6, 0, 512, 4096)
     c = pretrain.parse_config(["--size", "tiny", "--lr=2e-3", "--compile=false", "--resume", "--stage=pretrain-toy"])
-    assert (c.size, c.lr, c.compile, c.resume, c.tokens_per_image) == ("tiny", 2e-3, False, True, 64)
+    assert (c.size, c.lr, c.compile, c.resume, c.tokens_per_image) == ("tiny", 2e-3, False, True, 16)
 
 
 def test_unknown_setting_is_rejected_with_a_hint(capsys):

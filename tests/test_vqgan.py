@@ -17,7 +17,8 @@ import vqgan  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 TINY = dict(vqgan.CONFIGS["toy"], resolution=16, hidden_channels=32, channel_mult=[1, 2], z_channels=32,
-            num_embeddings=64, quantized_embed_dim=8, resample_with_conv=True, norm_groups=8)  # f=2: 16x16 -> 8x8 codes
+            num_embeddings=64, quantized_embed_dim=8, resample_with_conv=True, norm_groups=8, patch_encoder=False,
+            patch_decoder=False)  # the taming network, f=2: 16x16 -> 8x8 codes
 PALETTE = [[0, 0, 0], [255, 40, 40], [40, 220, 40], [40, 90, 255]]
 
 
@@ -73,11 +74,41 @@ def test_default_config_has_released_keys_and_shapes():
     assert {k: model.config[k] for k in released["config"]} == released["config"]
 
 
-def test_toy_config_turns_32x32_images_into_64_codes_of_512():
+def test_toy_config_turns_32x32_images_into_16_codes_of_512():
     model = vqgan.VQGAN(vqgan.CONFIGS["toy"]).eval()
     codes = model.encode(torch.rand(3, 3, 32, 32))
-    assert codes.shape == (3, 64) and codes.dtype == torch.int64 and int(codes.max()) < 512
+    assert codes.shape == (3, 16) and codes.dtype == torch.int64 and int(codes.max()) < 512
     assert model.decode(codes).shape == (3, 3, 32, 32)
+
+
+def test_a_patch_codec_codes_each_patch_from_that_patch_alone():
+    model = vqgan.VQGAN(vqgan.CONFIGS["toy"]).eval()
+    x = torch.rand(2, 3, 32, 32)
+    y = x.clone()
+    y[:, :, 8:, :] = torch.rand(2, 3, 24, 32)  # everything but the top row of 8x8 cells changes
+    assert torch.equal(model.encode(x)[:, :4], model.encode(y)[:, :4])
+    flat = torch.full((1, 3, 32, 32), 0.3)
+    flat[:, :, 16:, 16:] = 0.9  # one flat colour in three cells, another in the fourth quadrant
+    codes = model.encode(flat).view(4, 4)
+    assert len(codes[:2].unique()) == 1 and len(codes[2:, 2:].unique()) == 1
+
+
+def test_pca_and_kmeans_init_make_a_patch_codec_good_before_any_step():
+    import toyworld
+    images = torch.from_numpy(np.stack([toyworld.make_image(np.random.default_rng(i), 32)[k] for i in range(300)
+                                        for k in ("images", "segmentation")])).permute(0, 3, 1, 2)
+    model, gen = vqgan.VQGAN(dict(vqgan.CONFIGS["toy"], num_embeddings=128)), torch.Generator().manual_seed(0)
+    before = vqgan.evaluate(model, images)[0]
+    vqgan.pca_init_patch_codec(model, images, gen)
+    vqgan.kmeans_init_codebook(model, images, gen)
+    after = vqgan.evaluate(model, images)[0]
+    assert after["psnr"] > 22 > before["psnr"] and after["usage"] > 80
+
+
+def test_spread_picks_takes_distinct_points_before_repeating_any():
+    z = torch.cat([torch.zeros(1000, 2), torch.eye(2), -torch.eye(2)])  # one point 1000 times, four others once
+    picks = vqgan.spread_picks(z, 5, torch.Generator().manual_seed(0))
+    assert len(picks.unique(dim=0)) == 5
 
 
 def test_codes_are_row_major_and_non_square_images_work():
@@ -186,7 +217,8 @@ def train_args(data, out, steps, *extra):
         "--data", str(data), "--out_dir", str(out), "--max_steps", str(steps), "--batch_size", "8",
         "--lr_decay_steps", "5", "--disc_start", "2", "--restart_every", "2", "--eval_interval", "2", "--warmup_steps", "2",
         "--resolution=16", "--hidden_channels=32", "--channel_mult=[1,2]", "--z_channels=32",
-        "--num_embeddings=64", "--quantized_embed_dim=8", "--dropout=0.1", *extra])
+        "--num_embeddings=64", "--quantized_embed_dim=8", "--dropout=0.1", "--patch_encoder=false",
+        "--patch_decoder=false", *extra])  # the taming network: GAN, dropout, restarts
 
 
 def test_training_writes_a_loadable_checkpoint_and_resumes_exactly(tmp_path, capsys):
