@@ -99,7 +99,7 @@ def sequence_mixture(datasets, mix, images_per_seq, seed, flag="--data"):
 IN_CONTEXT_PAIRS = (0, 1, 2, 4, 7)  # prompt pairs before an answer, as in the evaluation's in-context curve
 
 
-def in_context_probe(datasets, seed, num_sequences=32):
+def in_context_probe(datasets, seed, num_sequences=16):
     """probe(model) -> {annotation: {pairs: %}}: for held-out pairs of each pairs file, the share of answer tokens
     the model gets right when it writes the answer itself (greedy) after 0, 1, 2, 4 or 7 example pairs and the
     query image. Logged at every evaluation, it shows in-context learning appear: with no example the answer is a

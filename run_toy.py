@@ -34,7 +34,7 @@ PROFILES = {
     "cpu": dict(device="cpu", size="tiny",
                 world=dict(num_images=10000, num_val_images=200, num_videos=1000, num_val_videos=100, frames=20),
                 vqgan=dict(max_steps=200, batch_size=16), stage1=dict(max_steps=200, batch_size=128),
-                stage2=dict(max_steps=1600, batch_size=8), mix="natural:4,discriminative:2",
+                stage2=dict(max_steps=1500, batch_size=8), mix="natural:4,discriminative:2",
                 queries=96, videos=100, ablation_stage2_steps=600, num_samples=8),
     "gpu": dict(device="cuda", size="small",
                 world=dict(num_images=40000, num_val_images=200, num_videos=4000, num_val_videos=100, frames=20),
@@ -118,7 +118,7 @@ def evaluate_models(out, models, p, in_context=("stage 1 + stage 2 (LVM-Lite)",)
         model = load_model(path / "ckpt.pt", device)
         pictures = out / ("eval_" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
         cfg = evaluate.EvalConfig(limit=p["queries"], out=str(pictures), prompt_split="train")
-        seq = evaluate.EvalConfig(limit=p["queries"], seed=1)
+        seq = evaluate.EvalConfig(limit=min(32, p["queries"]), seed=1)
         print(f"[run_toy] evaluating {name}", flush=True)
         results[name] = {
             "segmentation": evaluate.eval_segmentation(model, vq, out / "world", cfg),

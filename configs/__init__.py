@@ -40,7 +40,7 @@ STAGES = {
         lr=1e-3, min_lr=1e-4, warmup_steps=50, max_steps=200, batch_size=128,
         images_per_seq=1, tokens_per_image=16, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
     "finetune-toy": dict(  # 16 images x 16 tokens = 256, the toy models' whole context
-        lr=2e-3, min_lr=2e-4, warmup_steps=0, max_steps=1600, batch_size=8,
+        lr=2e-3, min_lr=2e-4, warmup_steps=0, max_steps=1500, batch_size=8,
         images_per_seq=16, tokens_per_image=16, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0),
 }
 

@@ -298,6 +298,35 @@ def test_segmentation_of_an_oracle_scores_100_miou(lvm, tokenizer, toy, monkeypa
     assert r["model"]["token_accuracy"] == pytest.approx(100)
 
 
+def test_task_protocol_credits_an_oracle_with_every_task_and_query(lvm, tokenizer, toy, monkeypatch):
+    """A "model" that answers each query with its true annotation for the prompt's task: every answer is nearest
+    its own task's truth and its own query's."""
+    cfg = EvalConfig(limit=4, batch_size=4, prompt_split="train")
+    asked = iter(cfg.tasks)  # one batch per task, the tasks in order
+
+    def oracle(model, vq, prompt, n, c, gen):
+        task = next(asked)
+        ds, _, _, queries = evaluate._prompt_and_queries(toy, cfg, task)
+        answers = torch.stack([read_pair(ds, u, 32)[1] for u in queries])
+        return answers[:, None], evaluate.images_to_tokens(vq, answers)
+
+    monkeypatch.setattr(evaluate, "_sample", oracle)
+    r = evaluate.eval_tasks(lvm, tokenizer, toy, cfg)
+    assert r["identified"] == r["uses_query"] == {t: 100.0 for t in cfg.tasks}
+    assert r["nearest"]["edges"] == {"segmentation": 0.0, "edges": 100.0, "depth": 0.0}
+    assert "| edges | 0.0 | 100.0 | 0.0 | 100.0 |" in evaluate.markdown_table([r])
+
+
+def test_in_context_curve_asks_the_same_queries_after_0_to_7_pairs(lvm, tokenizer, tmp_path):
+    root = tmp_path / "world"
+    toyworld.generate(root, seed=0, num_images=8, num_val_images=3, num_videos=1, num_val_videos=1, frames=2)
+    c = evaluate.eval_curve(lvm, tokenizer, root, EvalConfig(limit=2, batch_size=2, prompt_split="train",
+                                                              out=str(tmp_path)))
+    assert c["prompt_pairs"] == [0, 1, 2, 4, 7] and c["queries"] == 2
+    assert len(c["miou"]) == 5 and all(0 <= v <= 100 for v in c["token_accuracy"] + c["miou"])
+    assert Image.open(c["plot"]).size == (420, 260)
+
+
 @pytest.mark.parametrize("layout", ["ade20k", "cityscapes"])
 def test_segmentation_and_generation_on_real_dataset_layouts(lvm, tokenizer, tmp_path, layout):
     root = make_ade20k(tmp_path / "ADEChallengeData2016") if layout == "ade20k" else make_cityscapes(tmp_path)

@@ -222,6 +222,18 @@ def test_finetune_starts_from_stage1_weights(tmp_path, data, source):
     assert all(torch.equal(stage1[k], stage2[k]) for k in stage1)  # lr 0: the weights it started from
 
 
+def test_finetune_logs_in_context_accuracy_by_number_of_prompt_pairs(tmp_path, data):
+    pretrain.main(tiny(tmp_path / "stage1", data, "--max_steps=1"))
+    finetune.main(["--stage=finetune-toy", f"--init_from={tmp_path / 'stage1'}", f"--tokens_per_image={S}",
+                   "--batch_size=2", "--micro_batch_size=2", "--max_steps=4", "--eval_interval=2", "--eval_iters=1",
+                   "--num_samples=0", "--device=cpu", f"--out_dir={tmp_path / 'stage2'}", "--export_hf=false",
+                   "--mix=discriminative:1", f"--data={data['pairs']}"])
+    logged = [r for r in map(json.loads, (tmp_path / "stage2" / "metrics.jsonl").open()) if "in_context" in r]
+    assert [r["step"] for r in logged] == [2, 4]  # with every evaluation
+    accuracy = logged[-1]["in_context"]["pairs"]  # the annotation name, or "pairs" when the file has none
+    assert list(accuracy) == ["0", "1", "2", "4", "7"] and all(0 <= v <= 100 for v in accuracy.values())
+
+
 def test_finetune_resumes_from_its_own_checkpoint_without_init_from(tmp_path, data):
     pretrain.main(tiny(tmp_path / "stage1", data, "--max_steps=1"))
     common = ["--stage=finetune-toy", f"--tokens_per_image={S}", "--images_per_seq=4", "--batch_size=4",
