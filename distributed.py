@@ -255,7 +255,7 @@ def cleanup():
         dist.destroy_process_group()
 
 
-# Peak dense bfloat16 FLOP/s per device, for MFU (REFERENCE.md section 6). Matched in order against the device
+# Peak dense bfloat16 FLOP/s per device, for MFU (vendors' data sheets). Matched in order against the device
 # name, so the more specific names come first. TPU v2/v3 chips show up as two devices (one per core).
 PEAK_FLOPS = [
     ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),

@@ -27,6 +27,7 @@ import torch
 import distributed
 import pretrain
 from configs import MODEL_SIZES
+from data import SEQUENCE_BUILDERS, discriminative_sequence
 from model import ModelArgs, load_hf
 from pretrain import TrainingError
 
@@ -63,9 +64,8 @@ def parse_mix(text):
 
 def sequence_mixture(datasets, mix, images_per_seq, seed, flag="--data"):
     """Stage 2 batches: sequence i is built by a generator seeded with (seed, i), which draws its kind from the
-    mixture, then a dataset of that kind, then the sequence (tokenize_data's builders). Sequence i is the same
+    mixture, then a dataset of that kind, then the sequence (data.py's builders). Sequence i is the same
     whichever rank builds it and whenever, so ranks never share a sequence and a resumed run continues exactly."""
-    from tokenize_data import SEQUENCE_BUILDERS
     kinds = list(mix)
     weights = np.array([mix[k] for k in kinds]) / sum(mix.values())
     sources = {}
@@ -105,7 +105,6 @@ def in_context_probe(datasets, seed, num_sequences=16):
     query image. Logged at every evaluation, it shows in-context learning appear: with no example the answer is a
     guess among the tasks; after one, the model knows which mapping to apply."""
     from sample import generate
-    from tokenize_data import discriminative_sequence
     rng, probes = np.random.default_rng([seed, 2]), {}
     for data in (d for d in datasets if d.meta.get("kind") == "pairs"):
         name = data.meta.get("annotation") or "pairs"

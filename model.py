@@ -220,6 +220,14 @@ def estimate_flops(args: ModelArgs, seq_len):
     return 2 * matmul_params * seq_len + 4 * args.n_layers * seq_len * seq_len * d
 
 
+def learning_rate(step, lr, min_lr, warmup_steps, decay_steps):
+    """Table 8: linear warm-up to lr over warmup_steps, then cosine decay to min_lr at decay_steps (held after)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
 def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
     """Table 8: AdamW (0.9, 0.95), weight decay 0.1 on matrices and embeddings, none on RMSNorm gains."""
     params = [p for p in model.parameters() if p.requires_grad]

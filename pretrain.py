@@ -16,7 +16,6 @@ metrics.jsonl, samples_<step>.png and, at the end, hf/ (Hugging Face LLaMA layou
 Read top to bottom: settings -> learning rate -> data -> checkpoints -> sample grid -> the training loop -> main.
 """
 import argparse
-import difflib
 import json
 import math
 import os
@@ -24,14 +23,14 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import distributed
-from configs import MODEL_SIZES, STAGES
-from model import ModelArgs, Transformer, configure_optimizer, estimate_flops, save_hf
+from configs import MODEL_SIZES, STAGES, parse_settings
+from data import load_tokens
+from model import ModelArgs, Transformer, configure_optimizer, estimate_flops, learning_rate, save_hf
 
 SETTINGS = {  # name: (default, help). The stage's Table 8 values (configs.STAGES) are added to these.
     "size": ("300M", "model size: a key of configs.MODEL_SIZES"),
@@ -61,14 +60,6 @@ class TrainingError(Exception):
     """A problem the user can fix (data, settings, checkpoint, divergence): main() prints it and exits with 1."""
 
 
-def _bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def parse_config(argv=None, settings=SETTINGS, description=__doc__):
     """The settings plus the chosen stage's Table 8 values, each overridable as --key=value (or --key value)."""
     first = argparse.ArgumentParser(add_help=False)
@@ -77,40 +68,20 @@ def parse_config(argv=None, settings=SETTINGS, description=__doc__):
     if stage not in STAGES:
         sys.exit(f"error: --stage={stage} is not one of: {', '.join(STAGES)} (configs/__init__.py)")
     table = {**settings, **{k: (v, f"Table 8 value of stage {stage}") for k, v in STAGES[stage].items()}}
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, (default, text) in table.items():
-        kind = _bool if isinstance(default, bool) else type(default)
-        extra = dict(nargs="?", const=True) if kind is _bool else {}  # a bare --resume means --resume=true
-        parser.add_argument(f"--{key}", type=kind, default=default, metavar="", help=f"{text} [{default}]", **extra)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        name = unknown[0].split("=")[0].lstrip("-")
-        close = difflib.get_close_matches(name, table, n=3)
-        hint = f"; did you mean {' or '.join('--' + k for k in close)}?" if close else "; --help lists them all"
-        parser.error(f"unknown setting {unknown[0]!r}{hint}")
-    if args.size and args.size not in MODEL_SIZES:
-        parser.error(f"--size={args.size} is not one of: {', '.join(MODEL_SIZES)}")
-    return SimpleNamespace(**vars(args))
-
-
-def learning_rate(step, c):
-    """Table 8: linear warm-up to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
-    if step < c.warmup_steps:
-        return c.lr * (step + 1) / c.warmup_steps
-    progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
-    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
+    c = parse_settings(table, argv, description)
+    if c.size and c.size not in MODEL_SIZES:
+        sys.exit(f"error: --size={c.size} is not one of: {', '.join(MODEL_SIZES)}")
+    return c
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: token files (the contract of tokenize_data.py) -> int64 sequences. A batch function get(first, count)
+# data: token files (data.py's contract) -> int64 sequences. A batch function get(first, count)
 # returns sequences first .. first+count-1 of an endless, deterministic stream, so that a rank reads its own slice
 # of each step's global batch and a resumed run continues with the very sequences it would have read.
 
 
 def open_token_files(prefixes, c, flag="--data"):
     """Open comma-separated token files and check that they fit the stage."""
-    from tokenize_data import load_tokens
     datasets = []
     for prefix in [p for p in prefixes.split(",") if p]:
         try:
@@ -351,7 +322,7 @@ def train(c, get_batch, get_eval_batch, init=None, probe=None):
     vqgan = None
     loss_sum, steps_since, t0 = 0.0, 0, time.time()
     while step < last:
-        lr = learning_rate(step, c)
+        lr = learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         tokens = get_batch(seen + env.rank * local_batch, local_batch)

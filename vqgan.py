@@ -12,7 +12,6 @@ Training from scratch on a folder of images (recursive), writing checkpoints tha
 Any model config field can be overridden as --field=value (e.g. --num_embeddings=1024).
 Measure a tokenizer (PSNR, codebook usage, palette-colour survival; encode speed): bench_vqgan.py.
 """
-import argparse
 import json
 import math
 import re
@@ -26,6 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from configs import parse_settings
+from metrics import psnr
+from model import learning_rate
 
 # open-muse config.json field names. 'f16-8192' is the released LVM tokenizer (146.2M parameters).
 CONFIGS = {
@@ -52,7 +55,7 @@ CONFIG_FILE, STATE_FILE = "config.json", "training_state.pt"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 # -----------------------------------------------------------------------------
-# the network (REFERENCE.md section 2)
+# the network: open-muse's taming-style VQGANModel, parameter for parameter
 
 
 def Normalize(channels, groups):
@@ -303,7 +306,7 @@ class VQGAN(nn.Module):
 
 
 def _from_diffusers(sd, config):
-    """Rename diffusers VQModel keys (and config fields) to open-muse ones (REFERENCE.md section 2)."""
+    """Rename diffusers VQModel keys (and config fields) to open-muse ones (aMUSEd's VQModel is the same network)."""
     n = len(config["block_out_channels"])
     ch = config["block_out_channels"][0]
     muse = dict(num_channels=config.get("in_channels", 3), hidden_channels=ch,
@@ -530,12 +533,6 @@ def restart_dead_codes(model, usage, x, gen):
     return len(dead)
 
 
-def psnr(x, y):
-    """Mean over images of 10 log10(1 / MSE), both in [0, 1]."""
-    mse = (x.clamp(0, 1) - y).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(1 / mse.clamp(min=1e-10))).mean().item()
-
-
 def code_stats(codes, K):
     """(% of the codebook used, perplexity exp(H) of the code histogram)."""
     p = torch.bincount(codes.flatten(), minlength=K).double() / codes.numel()
@@ -554,32 +551,17 @@ def evaluate(model, images, batch_size=None):
     recon = model.decode(codes, grid=(x.shape[2] // f, x.shape[3] // f), batch_size=batch_size).clamp(0, 1)
     model.train(was_training)
     usage, perplexity = code_stats(codes, model.config["num_embeddings"])
-    return dict(psnr=psnr(recon, x), l1=(recon - x).abs().mean().item(), usage=usage, perplexity=perplexity), recon
-
-
-def save_grid(originals, recons, path, n=16):
-    """PNG: originals on the top row, reconstructions below (small images scaled up so they can be seen)."""
-    a, b = originals[:n].float() / 255, recons[:n].clamp(0, 1)
-    grid = torch.cat([torch.cat(list(a), 2), torch.cat(list(b), 2)], 1)
-    img = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    scale = max(1, 128 // originals.shape[2])
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    return dict(psnr=psnr(recon, x).mean().item(), l1=(recon - x).abs().mean().item(), usage=usage,
+                perplexity=perplexity), recon
 
 
 # -----------------------------------------------------------------------------
 # training
 
 
-def lr_at(step, args):
-    # linear warm-up then cosine decay to lr * min_lr_ratio
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    t = (step - args.warmup_steps) / max(1, (args.lr_decay_steps or args.max_steps) - args.warmup_steps)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
 def train(args):
     """Train a VQ-GAN from scratch (or resume from args.out_dir). Returns the per-step loss history."""
+    from sample import save_grid
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out_dir)
     if args.resume:
@@ -630,7 +612,8 @@ def train(args):
     history, t0 = [], time.time()
     pbar = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, desc="vqgan", dynamic_ncols=True)
     for step in pbar:
-        lr = lr_at(step, args)
+        lr = learning_rate(step, args.lr, args.lr * args.min_lr_ratio, args.warmup_steps,
+                           args.lr_decay_steps or args.max_steps)
         for o in (opt, opt_d):
             for g in o.param_groups:
                 g["lr"] = lr
@@ -662,7 +645,7 @@ def train(args):
             restarted = restart_dead_codes(model, usage, x, gen)
             usage.zero_()
         with torch.no_grad():
-            train_psnr = (10 * torch.log10(1 / (recon.clamp(0, 1) - x).pow(2).mean().clamp(min=1e-10))).item()
+            train_psnr = psnr(recon.clamp(0, 1), x).mean().item()
         history.append(dict(step=step, rec=rec.item(), vq=vq_loss.item(), g=g_loss.item(), d=d_loss.item(),
                             perceptual=p_loss.item(), psnr=train_psnr, restarted=restarted))
         pbar.set_postfix(rec=f"{rec.item():.4f}", psnr=f"{train_psnr:.1f}", vq=f"{vq_loss.item():.4f}")
@@ -674,7 +657,7 @@ def train(args):
                        f"{metrics['usage']:.1f}%, perplexity {metrics['perplexity']:.1f}, {metrics['minutes']:.1f} min")
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            save_grid(val_images, val_recon, out / f"recon_{step:06d}.png")
+            save_grid([list(val_images[:16]), list(val_recon[:16])], out / f"recon_{step:06d}.png")  # truth, recon
             save_pretrained(model, out)
             torch.save(dict(disc=disc.state_dict(), opt=opt.state_dict(), opt_d=opt_d.state_dict(), step=step,
                             gen=gen.get_state(), torch_rng=torch.get_rng_state(), usage=usage,
@@ -715,23 +698,17 @@ SETTINGS = dict(
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a VQ-GAN image tokenizer from scratch on a folder of images.")
-    for name, (default, help) in SETTINGS.items():
-        p.add_argument(f"--{name}", type=str if default is None else type(default), default=default, help=help,
-                       required=name == "data")
-    p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out_dir")
-    args, rest = p.parse_known_args(argv)
+    """The settings above, --resume, and every model config field as --field=value (JSON for lists) over those of
+    --config."""
+    fields = {**CONFIGS["f16-8192"], **EXTRA_FIELDS}
+    table = {**SETTINGS, "resume": (False, "continue exactly from the checkpoint in --out_dir"),
+             **{k: (None, "model config field (default: that of --config)", type(v)) for k, v in fields.items()}}
+    args = parse_settings(table, argv, "Train a VQ-GAN image tokenizer from scratch on a folder of images.")
+    if not args.data:
+        sys.exit("vqgan.py: error: --data is required: a folder of training images")
     if args.rec_loss not in ("l1", "l2"):
-        p.error(f"--rec_loss must be l1 or l2, not {args.rec_loss!r}")
-    fields, args.overrides = {**CONFIGS["f16-8192"], **EXTRA_FIELDS}, {}
-    for item in rest:  # --field=value overrides of the model config
-        m = re.fullmatch(r"--(\w+)=(.*)", item)
-        if not m or m.group(1) not in fields:
-            p.error(f"unrecognised argument {item!r} (model config fields, as --field=value: {', '.join(fields)})")
-        try:
-            args.overrides[m.group(1)] = json.loads(m.group(2))
-        except json.JSONDecodeError:
-            args.overrides[m.group(1)] = m.group(2)
+        sys.exit(f"vqgan.py: error: --rec_loss must be l1 or l2, not {args.rec_loss!r}")
+    args.overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     return args
 
 

@@ -1,5 +1,6 @@
-"""Evaluation: the metrics against independent computations and hand-built answers, the feature extractors offline,
-and every protocol end to end on the toy world and on tiny folders in the ADE20K, Cityscapes and UCF-101 layouts."""
+"""Evaluation: the metrics (metrics.py) against independent computations and hand-built answers, the feature
+extractors offline, and every protocol end to end on the toy world and on tiny folders in the ADE20K, Cityscapes
+and UCF-101 layouts."""
 import dataclasses
 import json
 import math
@@ -15,24 +16,18 @@ from PIL import Image
 import evaluate
 import toyworld
 import vqgan
-from evaluate import (EvalConfig, I3DExtractor, InceptionExtractor, TinyExtractor, colors_to_classes, eval_generation,
-                      eval_perplexity, eval_segmentation, eval_video, find_paired, find_videos, frechet_distance,
-                      inception_score, labels_from_colours, mean_iou, psnr, read_pair, ssim)
+from data import load_tokens, natural_sequence
+from evaluate import (EvalConfig, I3DExtractor, InceptionExtractor, TinyExtractor, eval_generation, eval_perplexity,
+                      eval_segmentation, eval_video, find_paired, find_videos, read_pair)
+from metrics import colors_to_classes, frechet_distance, inception_score, labels_from_colours, mean_iou, psnr, ssim
 from model import ModelArgs, Transformer
-from tokenize_data import PALETTES, natural_sequence
+from tokenize_data import PALETTES
 
 TINY = dict(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=512, max_seq_len=1024)
 FAST = dict(limit=2, batch_size=2, clip_frames=6, prompt_frames=4)  # short clips keep sampling quick on a CPU
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Token-by-token decoding of a tiny model is latency-bound: a second intra-op thread only adds synchronisation,
-    and on a busy shared CPU that made these tests ~10x slower. Restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +344,6 @@ def test_perplexity_equals_the_models_own_loss(lvm, tmp_path):
     write_tokens(tmp_path / "val_video", "video", rng.integers(0, 512, (40, 64)), groups=[[0, 20], [20, 20]])
     r = eval_perplexity(lvm, tmp_path / "val_video", EvalConfig(num_sequences=3, batch_size=2))
     m = r["model"]["natural"]
-    from tokenize_data import load_tokens
     data, rng = load_tokens(tmp_path / "val_video"), np.random.default_rng(0)
     x = torch.from_numpy(np.stack([natural_sequence(data, rng, n_images=16) for _ in range(3)]))
     with torch.no_grad():

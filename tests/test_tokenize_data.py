@@ -18,6 +18,7 @@ from PIL import Image
 import tokenize_data as td
 import toyworld
 import vqgan
+from data import generative_sequence, load_tokens, natural_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 64  # tokens per image of the small test tokenizer: 32x32 pixels, f = 4
@@ -91,7 +92,7 @@ def test_folder_of_every_mode_with_bad_files_exits_0_and_lists_each_bad_file(tmp
     r = cli("images", "--input", tmp_path / "in", "--vqgan", ckpt, "--out", tmp_path / "out", "--name", "mixed",
             "--num_workers", 1, "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    data = td.load_tokens(tmp_path / "out" / "mixed")
+    data = load_tokens(tmp_path / "out" / "mixed")
     meta = data.meta
     assert (meta["kind"], meta["num_images"], meta["tokens_per_image"], meta["vocab_size"]) == ("images", 13, S, 256)
     reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
@@ -189,7 +190,7 @@ def test_shards_merge_into_the_file_of_one_run(tmp_path, ckpt):
     td.main(["merge", "--out", str(tmp_path / "sharded"), "--name", "vid"])
     for suffix in (".tokens", ".json"):
         assert (tmp_path / "one" / f"vid{suffix}").read_bytes() == (tmp_path / "sharded" / f"vid{suffix}").read_bytes()
-    meta = td.load_tokens(tmp_path / "one" / "vid").meta
+    meta = load_tokens(tmp_path / "one" / "vid").meta
     assert meta["groups"] == [[0, 3], [3, 4], [7, 5], [12, 7]]
     assert [Path(s["path"]).name for s in meta["skipped"]] == ["v3"] and "frame 2.png" in meta["skipped"][0]["reason"]
 
@@ -216,7 +217,7 @@ def test_video_files_and_frame_folders_with_a_stride(tmp_path, ckpt):
     assert [f[0, 0, 0] for f in td.load_unit(units[2], opts)] == [0, 40, 80, 120, 160, 200]
     td.main(["video", "--input", str(tmp_path), "--stride", "2", "--vqgan", str(ckpt), "--out",
              str(tmp_path / "out"), "--name", "v", "--device", "cpu", "--num_workers", "1"])
-    meta = td.load_tokens(tmp_path / "out" / "v").meta
+    meta = load_tokens(tmp_path / "out" / "v").meta
     assert meta["kind"] == "video" and meta["groups"] == [[0, 6], [6, 6]] and meta["stride"] == 2
     assert [Path(s["path"]).name for s in meta["skipped"]] == ["corrupt.mp4"]
 
@@ -271,51 +272,6 @@ def test_cityscapes_layout_prefers_label_ids_and_maps_them_to_train_ids(tmp_path
     assert (seg[4:, :16] == city[0]).all() and (seg[4:, 16:] == city[13]).all() and (seg[:4] == 0).all()
 
 
-def write_token_file(prefix, kind, groups, n_rows):
-    """A token file by the contract, row r filled with the value r."""
-    np.repeat(np.arange(n_rows, dtype=np.uint16)[:, None], 4, 1).tofile(f"{prefix}.tokens")
-    meta = dict(kind=kind, tokens_per_image=4, num_images=n_rows, image_size=32, vocab_size=512, groups=groups,
-                sources=[], skipped=[], tokenizer={})
-    Path(f"{prefix}.json").write_text(json.dumps(meta))
-    return td.load_tokens(prefix)
-
-
-def _rows(seq):
-    assert seq.dtype == np.int64
-    return seq.reshape(-1, 4)[:, 0]
-
-
-def test_sequence_builders_make_the_sequences_of_the_paper(tmp_path):
-    video = write_token_file(tmp_path / "video", "video", [[0, 20], [20, 5], [25, 30]], 55)
-    pairs = write_token_file(tmp_path / "pairs", "pairs", [[0, 20], [20, 40]], 60)
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        frames = _rows(td.natural_sequence(video, rng, n_images=16))  # 16 consecutive frames of one video
-        assert len(frames) == 16 and (np.diff(frames) == 1).all() and (frames[0] <= 4 or 25 <= frames[0] <= 39)
-        d = _rows(td.discriminative_sequence(pairs, rng)).reshape(8, 2)  # "image, annotation" x 8, one dataset
-        assert (d[:, 0] % 2 == 0).all() and (d[:, 1] == d[:, 0] + 1).all()
-        assert (d < 20).all() or (d >= 20).all()
-        g = _rows(td.generative_sequence(pairs, rng, n_pairs=4)).reshape(4, 2)  # "annotation, image"
-        assert (g[:, 1] % 2 == 0).all() and (g[:, 0] == g[:, 1] + 1).all()
-        assert len(set(_rows(td.random_sequence(video, rng, n_images=16)))) == 16
-        assert len(td.single_image(video, rng)) == 4
-    assert len(set(d[:, 0])) == 8, "pairs of a sequence are distinct when the dataset is big enough"
-    same = [td.SEQUENCE_BUILDERS["discriminative"](pairs, np.random.default_rng(7)) for _ in range(2)]
-    assert np.array_equal(*same), "deterministic given the generator"
-    with pytest.raises(ValueError, match="needs a 'video'"):
-        td.natural_sequence(pairs, rng)
-    with pytest.raises(ValueError, match="no group is long enough"):
-        td.natural_sequence(video, rng, n_images=31)
-
-
-def test_load_tokens_refuses_an_unfinished_file(tmp_path):
-    write_token_file(tmp_path / "d", "images", [[0, 10]], 10)
-    with open(tmp_path / "d.tokens", "ab") as f:
-        f.write(b"\0\0")
-    with pytest.raises(ValueError, match="rerun the tokenize command"):
-        td.load_tokens(tmp_path / "d")
-
-
 def test_toy_world_is_tokenized_into_every_kind_and_its_sequences_pictured(tmp_path, ckpt):
     toyworld.generate(tmp_path / "world", seed=0, workers=1, num_images=10, num_val_images=4, num_videos=2,
                       num_val_videos=1, frames=16)
@@ -323,15 +279,15 @@ def test_toy_world_is_tokenized_into_every_kind_and_its_sequences_pictured(tmp_p
              "--device", "cpu", "--num_workers", "0"])
     rng = np.random.default_rng(0)
     for split, n, v in (("train", 10, 2), ("val", 4, 1)):
-        assert td.load_tokens(tmp_path / "tok" / f"{split}_images").meta["num_images"] == n
-        video = td.load_tokens(tmp_path / "tok" / f"{split}_video")
+        assert load_tokens(tmp_path / "tok" / f"{split}_images").meta["num_images"] == n
+        video = load_tokens(tmp_path / "tok" / f"{split}_video")
         assert video.meta["groups"] == [[16 * i, 16] for i in range(v)]
-        assert td.natural_sequence(video, rng).shape == (16 * S,)
+        assert natural_sequence(video, rng).shape == (16 * S,)
         for ann in ("segmentation", "edges", "depth"):
-            pairs = td.load_tokens(tmp_path / "tok" / f"{split}_{ann}")
+            pairs = load_tokens(tmp_path / "tok" / f"{split}_{ann}")
             assert (pairs.meta["kind"], pairs.meta["annotation"], pairs.meta["num_images"]) == ("pairs", ann, 2 * n)
-            assert td.generative_sequence(pairs, rng, n_pairs=2).shape == (4 * S,)
-    assert td.load_tokens(tmp_path / "tok" / "train_segmentation").meta["palette"] == toyworld.PALETTE.tolist()
+            assert generative_sequence(pairs, rng, n_pairs=2).shape == (4 * S,)
+    assert load_tokens(tmp_path / "tok" / "train_segmentation").meta["palette"] == toyworld.PALETTE.tolist()
     td.main(["show", "--data", str(tmp_path / "tok"), "--names", "train_*", "--vqgan", str(ckpt),
              "--out", str(tmp_path / "seq.png"), "--n_images", "4", "--device", "cpu"])
     # rows: images (single, random), video (natural), 3 pair files (discriminative, generative)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-import bench_train
 import finetune
 import pretrain
-from model import load_hf
+from bench import train as bench_train
+from model import learning_rate, load_hf
 from sample import load_model
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VOCAB, S = 128, 16  # the fixture VQ-GAN's codebook; 64x64 images at f16 -> 4x4 = 16 tokens
 
 
@@ -34,13 +34,7 @@ def toy_images(n, seed=0):
     return base + np.arange(S)[None] // 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's operations are too small to share among threads: one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +81,14 @@ def test_unknown_setting_is_rejected_with_a_hint(capsys):
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     c = pretrain.parse_config([])
-    assert pretrain.learning_rate(0, c) == pytest.approx(1.5e-4 / 2000)
-    assert pretrain.learning_rate(1999, c) == pytest.approx(1.5e-4)
+    schedule = lambda step, c: learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
+    assert schedule(0, c) == pytest.approx(1.5e-4 / 2000)
+    assert schedule(1999, c) == pytest.approx(1.5e-4)
     middle = 2000 + (125112 - 2000) // 2
-    assert pretrain.learning_rate(middle, c) == pytest.approx((1.5e-4 + 1.5e-5) / 2, rel=1e-4)
-    assert pretrain.learning_rate(125112, c) == pytest.approx(1.5e-5)
+    assert schedule(middle, c) == pytest.approx((1.5e-4 + 1.5e-5) / 2, rel=1e-4)
+    assert schedule(125112, c) == pytest.approx(1.5e-5)
     f = pretrain.parse_config([], finetune.SETTINGS)
-    assert pretrain.learning_rate(0, f) == pytest.approx(1.5e-5)  # no warm-up in stage 2
+    assert schedule(0, f) == pytest.approx(1.5e-5)  # no warm-up in stage 2
 
 
 def test_targets_are_the_next_tokens_and_the_last_position_is_ignored():

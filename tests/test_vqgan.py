@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import bench_vqgan  # noqa: E402
+from bench import vqgan as bench_vqgan  # noqa: E402
 import vqgan  # noqa: E402
 
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 TINY = dict(vqgan.CONFIGS["toy"], resolution=16, hidden_channels=32, channel_mult=[1, 2], z_channels=32,
             num_embeddings=64, quantized_embed_dim=8, resample_with_conv=True, norm_groups=8, patch_encoder=False,
             patch_decoder=False)  # the taming network, f=2: 16x16 -> 8x8 codes
@@ -39,13 +39,7 @@ def write_shapes(folder, n, size=16, seed=0):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation, and stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_model(seed=0):

@@ -2,9 +2,9 @@
 Sampling speed: our `generate` (static KV cache, sample.py) against transformers' `generate` on the same weights
 (written with model.save_hf, read back with LlamaForCausalLM.from_pretrained), same prompt, same length, one process.
 
-    OMP_NUM_THREADS=2 python bench_sample.py                               # CPU, tiny random model
-    OMP_NUM_THREADS=1 python bench_sample.py --dim 64 --n_layers 2 --vocab_size 512 --compile   # per-token overhead
-    python bench_sample.py --device cuda --size 300M --batch 1 32 --compile --skip_hf
+    OMP_NUM_THREADS=2 python bench/sample.py                               # CPU, tiny random model
+    OMP_NUM_THREADS=1 python bench/sample.py --dim 64 --n_layers 2 --vocab_size 512 --compile   # per-token overhead
+    python bench/sample.py --device cuda --size 300M --batch 1 32 --compile --skip_hf
 
 At batch 1 on a CPU the tiny model's step is mostly reading its 27 MB of float32 weights from memory, which both
 implementations must do; the smaller model shows the per-token overhead of each loop instead. Wall times on a shared
@@ -14,12 +14,17 @@ On GPU it also prints the memory-bandwidth bound: every decode step reads all pa
 cannot beat B * HBM bandwidth / parameter bytes tokens/s (plus the key/value cache it reads, shown beside it).
 """
 import argparse
+import sys
+from pathlib import Path
 import os
 import statistics
 import tempfile
 import time
 
 import torch
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from configs import MODEL_SIZES
 from model import ModelArgs, Transformer, save_hf

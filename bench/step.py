@@ -2,23 +2,27 @@
 Training-step throughput of our decoder vs transformers' LlamaForCausalLM: same config, same weights, same batch,
 same process, steps interleaved so both see the same machine load.
 
-    python bench.py                          # CPU, a small model, eager
-    python bench.py --compile                # also torch.compile (ours and theirs)
-    python bench.py --device cuda --size 300M --batch_size 8 --seq_len 4096 --dtype bfloat16
+    python bench/step.py                          # CPU, a small model, eager
+    python bench/step.py --compile                # also torch.compile (ours and theirs)
+    python bench/step.py --device cuda --size 300M --batch_size 8 --seq_len 4096 --dtype bfloat16
 
 A step is forward + loss + backward + AdamW update. Prints tokens/s of each and the ratio ours / transformers.
 On CUDA it also prints MFU (FLOPs per token = 3 x forward FLOPs, peak bf16 by device name).
 """
 import argparse
+import sys
+from pathlib import Path
 import tempfile
 import time
 
 import torch
 
-from configs import MODEL_SIZES
-from model import ModelArgs, Transformer, configure_optimizer, estimate_flops, save_hf
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+from configs import MODEL_SIZES
+from distributed import peak_flops
+from model import ModelArgs, Transformer, configure_optimizer, estimate_flops, save_hf
 
 
 def train_step(model, optimizer, idx, targets, autocast_dtype, is_ours):
@@ -78,7 +82,7 @@ def main():
             seconds[name] += time.perf_counter() - t0
     tokens = opt.batch_size * opt.seq_len * opt.steps
     device_name = torch.cuda.get_device_name() if opt.device == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+    peak = peak_flops(device_name)
     flops_per_token = 3 * estimate_flops(args, opt.seq_len) / opt.seq_len
     print(f"device {device_name}, threads {torch.get_num_threads()}, dim {args.dim} x {args.n_layers} layers, "
           f"vocab {args.vocab_size}, batch {opt.batch_size} x {opt.seq_len} tokens, autocast {opt.dtype}")

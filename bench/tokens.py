@@ -1,8 +1,8 @@
 """
-Tokenization throughput against the bare VQ-GAN encoder on the same images (issue 4's target: >= 90%).
+Tokenization throughput against the bare VQ-GAN encoder on the same images (the aim: at least 90% of it).
 
-    python bench_tokenize.py --vqgan out/vqgan_toy --images data/toyworld/train/images --limit 2000
-    python bench_tokenize.py --vqgan_config f16-8192 --images photos/ --limit 64 --batch_size 16   # random weights
+    python bench/tokens.py --vqgan out/vqgan_toy --images data/toyworld/train/images --limit 2000
+    python bench/tokens.py --vqgan_config f16-8192 --images photos/ --limit 64 --batch_size 16   # random weights
 
 bare encoder:  the images decoded beforehand, held in memory as float [B, 3, H, W] batches; time of encode() alone.
 tokenize_data: the whole path on the same files, into a fresh folder: listing, decoding in --num_workers processes,
@@ -12,6 +12,8 @@ The two run back to back --repeats times; reported: the median of each and the m
 The two must give identical tokens; the script checks it.
 """
 import argparse
+import sys
+from pathlib import Path
 import json
 import os
 import shutil
@@ -20,6 +22,9 @@ import time
 
 import numpy as np
 import torch
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import tokenize_data as td
 

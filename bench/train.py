@@ -2,19 +2,24 @@
 Training speed: tokens/s and MFU of pretrain.py's loop (bf16 autocast + torch.compile on a GPU) on random tokens,
 so no data is needed, at the paper's two context lengths: 256 (stage 1, single images) and 4096 (stage 2).
 
-    python bench_train.py --size=300M                          # one GPU: 256 and 4096 tokens
-    python bench_train.py --size=300M --seq_lens=256 --micro_batch_sizes=128 --steps=40
-    PJRT_DEVICE=TPU python bench_train.py --size=1B --device=xla
-    python bench_train.py --size=tiny --device=cpu --seq_lens=64 --micro_batch_sizes=8 --steps=6 --warmup=2
+    python bench/train.py --size=300M                          # one GPU: 256 and 4096 tokens
+    python bench/train.py --size=300M --seq_lens=256 --micro_batch_sizes=128 --steps=40
+    PJRT_DEVICE=TPU python bench/train.py --size=1B --device=xla
+    python bench/train.py --size=tiny --device=cpu --seq_lens=64 --micro_batch_sizes=8 --steps=6 --warmup=2
 
 Prints one line per context length: the median over the steps after the warm-up (which pays for compilation).
 MFU divides by the device's peak bf16 FLOP/s (distributed.PEAK_FLOPS); it is n/a on a CPU.
 """
 import argparse
+import sys
+from pathlib import Path
 import statistics
 import tempfile
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import pretrain
 from configs import MODEL_SIZES

@@ -5,9 +5,9 @@ usage, code perplexity and, with --palette, the share of pixels of flat-colour m
 is still nearest to the right palette colour. Speed does not depend on the weights, so without --ckpt the model is the
 full-size released architecture (f16-8192) with random weights.
 
-    OMP_NUM_THREADS=2 python bench_vqgan.py                       # encode speed of f16-8192 at 256x256
-    python bench_vqgan.py --ckpt out/vqgan_toy --batch_size 256 --iters 10 --decode
-    python bench_vqgan.py --ckpt out/vqgan_toy --data data/toyworld/val/segmentation --palette data/toyworld/meta.json
+    OMP_NUM_THREADS=2 python bench/vqgan.py                       # encode speed of f16-8192 at 256x256
+    python bench/vqgan.py --ckpt out/vqgan_toy --batch_size 256 --iters 10 --decode
+    python bench/vqgan.py --ckpt out/vqgan_toy --data data/toyworld/val/segmentation --palette data/toyworld/meta.json
 """
 import argparse
 import json
@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import vqgan
 

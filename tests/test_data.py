@@ -1,0 +1,53 @@
+"""Token files and the sequences of the paper built from them (data.py)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+
+
+def write_token_file(prefix, kind, groups, n_rows):
+    """A token file by the contract, row r filled with the value r."""
+    np.repeat(np.arange(n_rows, dtype=np.uint16)[:, None], 4, 1).tofile(f"{prefix}.tokens")
+    meta = dict(kind=kind, tokens_per_image=4, num_images=n_rows, image_size=32, vocab_size=512, groups=groups,
+                sources=[], skipped=[], tokenizer={})
+    Path(f"{prefix}.json").write_text(json.dumps(meta))
+    return data.load_tokens(prefix)
+
+
+def _rows(seq):
+    assert seq.dtype == np.int64
+    return seq.reshape(-1, 4)[:, 0]
+
+
+def test_sequence_builders_make_the_sequences_of_the_paper(tmp_path):
+    video = write_token_file(tmp_path / "video", "video", [[0, 20], [20, 5], [25, 30]], 55)
+    pairs = write_token_file(tmp_path / "pairs", "pairs", [[0, 20], [20, 40]], 60)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        frames = _rows(data.natural_sequence(video, rng, n_images=16))  # 16 consecutive frames of one video
+        assert len(frames) == 16 and (np.diff(frames) == 1).all() and (frames[0] <= 4 or 25 <= frames[0] <= 39)
+        d = _rows(data.discriminative_sequence(pairs, rng)).reshape(8, 2)  # "image, annotation" x 8, one dataset
+        assert (d[:, 0] % 2 == 0).all() and (d[:, 1] == d[:, 0] + 1).all()
+        assert (d < 20).all() or (d >= 20).all()
+        g = _rows(data.generative_sequence(pairs, rng, n_pairs=4)).reshape(4, 2)  # "annotation, image"
+        assert (g[:, 1] % 2 == 0).all() and (g[:, 0] == g[:, 1] + 1).all()
+        assert len(set(_rows(data.random_sequence(video, rng, n_images=16)))) == 16
+        assert len(data.single_image(video, rng)) == 4
+    assert len(set(d[:, 0])) == 8, "pairs of a sequence are distinct when the dataset is big enough"
+    same = [data.SEQUENCE_BUILDERS["discriminative"](pairs, np.random.default_rng(7)) for _ in range(2)]
+    assert np.array_equal(*same), "deterministic given the generator"
+    with pytest.raises(ValueError, match="needs a 'video'"):
+        data.natural_sequence(pairs, rng)
+    with pytest.raises(ValueError, match="no group is long enough"):
+        data.natural_sequence(video, rng, n_images=31)
+
+
+def test_load_tokens_refuses_an_unfinished_file(tmp_path):
+    write_token_file(tmp_path / "d", "images", [[0, 10]], 10)
+    with open(tmp_path / "d.tokens", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(ValueError, match="rerun the tokenize command"):
+        data.load_tokens(tmp_path / "d")
