@@ -1,20 +1,24 @@
 """
-The token files and the training sequences made from them: the contract between tokenize_data.py (which writes the
-files) and the training and evaluation scripts (which read them).
+The token files and the training sequences made from them: the contract between tokenize_data.py
+(which writes the files) and the training and evaluation scripts (which read them).
 
 A dataset NAME in directory D is two files:
-    D/NAME.tokens  raw uint16, row-major [num_images, tokens_per_image], one row per image (np.memmap-able)
-    D/NAME.json    kind (images | video | pairs), tokens_per_image, num_images, image_size, vocab_size, groups
-                   ([first_row, num_rows] per video, per dataset for pairs), annotation and palette (pairs), sources,
-                   skipped ([{path, reason}]), tokenizer (checkpoint + sha256 of its weights)
+    D/NAME.tokens  raw uint16, row-major [num_images, tokens_per_image], one row per image
+                   (np.memmap-able)
+    D/NAME.json    kind (images | video | pairs), tokens_per_image, num_images, image_size,
+                   vocab_size, groups ([first_row, num_rows] per video, per dataset for pairs),
+                   annotation and palette (pairs), sources, skipped ([{path, reason}]), tokenizer
+                   (checkpoint + sha256 of its weights)
 Pairs rows alternate image, annotation, image, annotation, ...
 
     data = load_tokens("data/tokens/ade20k_train")
-    seq = SEQUENCE_BUILDERS["discriminative"](data, np.random.default_rng(0), n_pairs=8)   # int64 [16 * S]
+    # int64 [16 * S]
+    seq = SEQUENCE_BUILDERS["discriminative"](data, np.random.default_rng(0), n_pairs=8)
 
-The builders are the sequences of the paper: single (stage 1, 2.2: one image), natural (16 frames of a video),
-discriminative (8 "image, annotation" pairs of one dataset), generative (8 "annotation, image" pairs; all 2.3) and
-random (16 unrelated images: LVM's sequences, the baseline of Tables 4 and 5).
+The builders are the sequences of the paper: single (stage 1, 2.2: one image), natural
+(16 frames of a video), discriminative (8 "image, annotation" pairs of one dataset), generative
+(8 "annotation, image" pairs; all 2.3) and random (16 unrelated images: LVM's sequences, the
+baseline of Tables 4 and 5).
 """
 import json
 import os
@@ -40,12 +44,14 @@ def load_tokens(path_prefix):
         meta = json.loads(Path(f"{prefix}.json").read_text())
         size = os.path.getsize(f"{prefix}.tokens")
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e.filename} not found: tokenize the dataset first (python tokenize_data.py -h)")
+        raise FileNotFoundError(f"{e.filename} not found: tokenize the dataset first "
+                                "(python tokenize_data.py -h)")
     n, s = meta["num_images"], meta["tokens_per_image"]
     if size != 2 * n * s:
-        raise ValueError(f"{prefix}.tokens holds {size} bytes, its metadata says {n} x {s} uint16: rerun the "
-                         f"tokenize command to finish it")
-    tokens = np.memmap(f"{prefix}.tokens", np.uint16, "r", shape=(n, s)) if n else np.zeros((0, s), np.uint16)
+        raise ValueError(f"{prefix}.tokens holds {size} bytes, its metadata says {n} x {s} uint16: "
+                         f"rerun the tokenize command to finish it")
+    tokens = (np.memmap(f"{prefix}.tokens", np.uint16, "r", shape=(n, s)) if n
+              else np.zeros((0, s), np.uint16))
     return TokenData(tokens, meta)
 
 
@@ -78,8 +84,8 @@ def natural_sequence(data, rng, n_images=16):
 
 
 def _pairs(data, rng, n_pairs):
-    """[n_pairs, 2, S]: random distinct (image, annotation) pairs of one dataset (group), the group chosen in
-    proportion to its size; pairs repeat only if it has fewer than n_pairs."""
+    """[n_pairs, 2, S]: random distinct (image, annotation) pairs of one dataset (group), the group
+    chosen in proportion to its size; pairs repeat only if it has fewer than n_pairs."""
     _need(data, "pairs")
     counts = data.groups[:, 1] // 2
     g = _pick(rng, counts)[0]
@@ -104,5 +110,6 @@ def random_sequence(data, rng, n_images=16):
     return data.tokens[rows].astype(np.int64).reshape(-1)
 
 
-SEQUENCE_BUILDERS = {"single": single_image, "natural": natural_sequence, "discriminative": discriminative_sequence,
+SEQUENCE_BUILDERS = {"single": single_image, "natural": natural_sequence,
+                     "discriminative": discriminative_sequence,
                      "generative": generative_sequence, "random": random_sequence}

@@ -1,16 +1,22 @@
 """
-Where training runs: one CPU or GPU, several GPUs under torchrun (DDP, or FSDP2 for models too big to replicate),
-or a TPU pod through torch_xla SPMD. The training loop in pretrain.py calls these few functions and otherwise never
-asks which of them it is on:
+Where training runs: one CPU or GPU, several GPUs under torchrun (DDP, or FSDP2 for models too big
+to replicate), or a TPU pod through torch_xla SPMD. The training loop in pretrain.py calls these few
+functions and otherwise never asks which of them it is on:
 
-    env = setup("auto", parallel="ddp")        # choose the device; join the process group or build the XLA mesh
-    model = wrap_model(raw_model, env)         # move to the device; DDP / fully_shard / SPMD shardings; compile
-    step_fn = trace(step_fn, env)              # XLA: trace one whole optimizer step into a single graph
-    x = to_device(micro_batches, env)          # numpy -> device tensors (XLA: sharded over the batch dimension)
-    model_state, optim_state = full_state(raw_model, optimizer, env)   # whole tensors on the host, for saving
+    # choose the device; join the process group or build the XLA mesh
+    env = setup("auto", parallel="ddp")
+    # move to the device; DDP / fully_shard / SPMD shardings; compile
+    model = wrap_model(raw_model, env)
+    # XLA: trace one whole optimizer step into a single graph
+    step_fn = trace(step_fn, env)
+    # numpy -> device tensors (XLA: sharded over the batch dimension)
+    x = to_device(micro_batches, env)
+    # whole tensors on the host, for saving
+    model_state, optim_state = full_state(raw_model, optimizer, env)
 
-Under SPMD one process drives all the devices of its host: the mesh has a 'data' and an 'fsdp' axis, each parameter
-is split along the fsdp axis (FSDP style) and each batch along both axes, and XLA inserts the collectives.
+Under SPMD one process drives all the devices of its host: the mesh has a 'data' and an 'fsdp' axis,
+each parameter is split along the fsdp axis (FSDP style) and each batch along both axes, and XLA
+inserts the collectives.
 """
 import contextlib
 import os
@@ -41,25 +47,30 @@ class Env:
 
 
 def setup(device="auto", parallel="ddp", xla_fsdp=0):
-    """Pick the device and join the others: torchrun's environment variables mean one process per device (DDP or
-    FSDP2); --device=xla means one process per host driving all its devices through an SPMD mesh."""
+    """Pick the device and join the others: torchrun's environment variables mean one process per
+    device (DDP or FSDP2); --device=xla means one process per host driving all its devices through
+    an SPMD mesh."""
     if device == "auto":
         if torch.cuda.is_available():
             device = "cuda"
-        elif os.environ.get("PJRT_DEVICE"):  # set on TPU VMs (PJRT_DEVICE=TPU) and by the CPU test of this path
+        # set on TPU VMs (PJRT_DEVICE=TPU) and by the CPU test of this path
+        elif os.environ.get("PJRT_DEVICE"):
             device = "xla"
         else:
             device = "cpu"
     if device not in ("cpu", "cuda", "xla"):
         raise ValueError(f"--device={device}: use cpu, cuda, xla or auto")
     if parallel not in ("ddp", "fsdp"):
-        raise ValueError(f"--parallel={parallel}: use ddp (replicated model) or fsdp (sharded model)")
+        raise ValueError(f"--parallel={parallel}: use ddp (replicated model) or fsdp "
+                         "(sharded model)")
     if device == "xla":
         return _setup_xla(xla_fsdp)
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device=cuda but no GPU is visible: use --device=cpu, or check CUDA_VISIBLE_DEVICES")
+        raise RuntimeError("--device=cuda but no GPU is visible: use --device=cpu, or check "
+                           "CUDA_VISIBLE_DEVICES")
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the float32 parts (norms, loss) on tensor cores
+        # the float32 parts (norms, loss) on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:  # a plain `python pretrain.py`
         return Env(torch.device(device, 0) if device == "cuda" else torch.device("cpu"), device)
@@ -68,7 +79,8 @@ def setup(device="auto", parallel="ddp", xla_fsdp=0):
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            device_id=dev if device == "cuda" else None)
     mesh = None
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -80,7 +92,8 @@ def _setup_xla(xla_fsdp):
     try:
         import torch_xla
     except ImportError:
-        raise ImportError("--device=xla needs torch_xla: pip install -r requirements-tpu.txt (its own environment)")
+        raise ImportError("--device=xla needs torch_xla: pip install -r requirements-tpu.txt "
+                          "(its own environment)")
     import torch_xla.distributed.spmd as xs
     import torch_xla.runtime as xr
     if not xr.is_spmd():
@@ -95,8 +108,9 @@ def _setup_xla(xla_fsdp):
 
 
 def fsdp_partition_spec(shape, fsdp_size):
-    """Split a parameter along the mesh's fsdp axis on its largest dimension that divides evenly (replicate it
-    when none does): each device then holds 1/fsdp_size of the weights and of their optimizer state."""
+    """Split a parameter along the mesh's fsdp axis on its largest dimension that divides evenly
+    (replicate it when none does): each device then holds 1/fsdp_size of the weights and of their
+    optimizer state."""
     spec = [None] * len(shape)
     for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
         if shape[dim] % fsdp_size == 0:
@@ -106,9 +120,10 @@ def fsdp_partition_spec(shape, fsdp_size):
 
 
 def wrap_model(model, env, compile=False):
-    """Move the model to its device and apply the parallelism: DDP replicas, FSDP2 shards (each transformer block,
-    then the rest), or SPMD shardings on XLA. compile: torch.compile on GPU. Returns the module to call; `model`
-    itself keeps the plain parameter names for checkpoints."""
+    """Move the model to its device and apply the parallelism: DDP replicas, FSDP2 shards
+    (each transformer block, then the rest), or SPMD shardings on XLA. compile: torch.compile on
+    GPU. Returns the module to call; `model` itself keeps the plain parameter names for
+    checkpoints."""
     model.to(env.device)
     if env.device_type == "xla":
         import torch_xla.distributed.spmd as xs
@@ -124,12 +139,14 @@ def wrap_model(model, env, compile=False):
     wrapped = torch.compile(model) if compile and env.device_type == "cuda" else model
     if env.parallel == "ddp" and env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        wrapped = DistributedDataParallel(wrapped, device_ids=[env.device.index] if env.device_type == "cuda" else None)
+        wrapped = DistributedDataParallel(
+            wrapped, device_ids=[env.device.index] if env.device_type == "cuda" else None)
     return wrapped
 
 
 def set_gradient_sync(model, enabled):
-    """Gradient accumulation: reduce gradients across processes only on the last micro-batch of a step."""
+    """Gradient accumulation: reduce gradients across processes only on the last micro-batch of a
+    step."""
     if hasattr(model, "require_backward_grad_sync"):  # DDP
         model.require_backward_grad_sync = enabled
     inner = getattr(model, "_orig_mod", model)
@@ -138,7 +155,8 @@ def set_gradient_sync(model, enabled):
 
 
 def autocast(env, dtype):
-    """bfloat16 autocast (matmuls in bf16, weights and optimizer in float32), or nothing for float32."""
+    """bfloat16 autocast (matmuls in bf16, weights and optimizer in float32), or nothing for
+    float32."""
     if dtype == "float32":
         return contextlib.nullcontext()
     if dtype != "bfloat16":
@@ -147,8 +165,9 @@ def autocast(env, dtype):
 
 
 def trace(fn, env):
-    """XLA: run fn lazily and compile everything it does (forward, backward and optimizer update of all the
-    micro-batches) into one graph, executed at its end; the graph is reused while shapes stay the same."""
+    """XLA: run fn lazily and compile everything it does (forward, backward and optimizer update of
+    all the micro-batches) into one graph, executed at its end; the graph is reused while shapes
+    stay the same."""
     if env.device_type != "xla":
         return fn
     import torch_xla
@@ -156,8 +175,9 @@ def trace(fn, env):
 
 
 def to_device(arrays, env):
-    """A list of int64 numpy arrays [micro_batch, T] -> device tensors. XLA: each is split along the batch over
-    both mesh axes; with several hosts each holds its own rows of the global batch (minibatch=True)."""
+    """A list of int64 numpy arrays [micro_batch, T] -> device tensors. XLA: each is split along the
+    batch over both mesh axes; with several hosts each holds its own rows of the global batch
+    (minibatch=True)."""
     tensors = [torch.from_numpy(a) for a in arrays]
     if env.device_type == "xla":
         import torch_xla.core.xla_model as xm
@@ -170,7 +190,8 @@ def to_device(arrays, env):
 
 
 def mean_over_ranks(value, env):
-    """A device scalar -> Python float, averaged over processes. Waits for the device: call it at log time only."""
+    """A device scalar -> Python float, averaged over processes. Waits for the device: call it at
+    log time only."""
     if env.world_size > 1 and env.device_type != "xla":
         value = value.detach().clone()
         dist.all_reduce(value)
@@ -179,9 +200,9 @@ def mean_over_ranks(value, env):
 
 
 def _xla_to_host(t, env):
-    """A whole XLA tensor on the host. With one host, sharded tensors are assembled from their device shards
-    (t.cpu() would compile a gather graph for every tensor at every checkpoint); with several hosts, t.cpu() runs
-    that gather on all of them."""
+    """A whole XLA tensor on the host. With one host, sharded tensors are assembled from their
+    device shards (t.cpu() would compile a gather graph for every tensor at every checkpoint); with
+    several hosts, t.cpu() runs that gather on all of them."""
     import torch_xla
     import torch_xla.distributed.spmd as xs
     if env.world_size > 1 or torch_xla._XLAC._get_xla_sharding_type(t) is None:
@@ -191,13 +212,15 @@ def _xla_to_host(t, env):
         if shard.indices is Ellipsis:  # a replica of the whole tensor
             whole.copy_(shard.data)
         else:  # a tile; the device copy may carry padding beyond the tensor's edge
-            whole[tuple(shard.indices)] = shard.data[tuple(slice(0, s.stop - s.start) for s in shard.indices)]
+            whole[tuple(shard.indices)] = shard.data[tuple(slice(0, s.stop - s.start)
+                                                           for s in shard.indices)]
     return whole
 
 
 def _to_host(t, env):
-    """Whole tensor on the CPU (main process only): FSDP2 shards are gathered (all ranks take part), XLA tensors
-    assembled, CPU tensors copied (the checkpoint must not change while training goes on)."""
+    """Whole tensor on the CPU (main process only): FSDP2 shards are gathered (all ranks take part),
+    XLA tensors assembled, CPU tensors copied (the checkpoint must not change while training goes
+    on)."""
     if not torch.is_tensor(t):
         return t
     if hasattr(t, "full_tensor"):  # a DTensor
@@ -208,8 +231,9 @@ def _to_host(t, env):
 
 
 def full_state(model, optimizer, env):
-    """The model's and optimizer's state as whole CPU tensors, identical whatever the device layout (so a run saved
-    on a TPU pod resumes on one GPU). Every process must call it; only the main one gets the tensors."""
+    """The model's and optimizer's state as whole CPU tensors, identical whatever the device layout
+    (so a run saved on a TPU pod resumes on one GPU). Every process must call it; only the main one
+    gets the tensors."""
     model_state = {k: _to_host(v, env) for k, v in model.state_dict().items()}
     optim = optimizer.state_dict()
     state = {i: {k: _to_host(v, env) for k, v in s.items()} for i, s in optim["state"].items()}
@@ -217,7 +241,8 @@ def full_state(model, optimizer, env):
 
 
 def load_optimizer_state(optimizer, state, env):
-    """Load full_state()'s optimizer part, re-split like the parameters (FSDP2 shards, XLA shardings)."""
+    """Load full_state()'s optimizer part, re-split like the parameters (FSDP2 shards, XLA
+    shardings)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if env.parallel == "fsdp":
         from torch.distributed.tensor import distribute_tensor
@@ -231,7 +256,8 @@ def load_optimizer_state(optimizer, state, env):
         for p in params:
             for k, v in optimizer.state[p].items():
                 if k != "step":
-                    xs.mark_sharding(v, env.mesh, fsdp_partition_spec(v.shape, env.mesh.mesh_shape[1]))
+                    xs.mark_sharding(v, env.mesh,
+                                     fsdp_partition_spec(v.shape, env.mesh.mesh_shape[1]))
 
 
 def rng_state(env):
@@ -255,14 +281,16 @@ def cleanup():
         dist.destroy_process_group()
 
 
-# Peak dense bfloat16 FLOP/s per device, for MFU (vendors' data sheets). Matched in order against the device
-# name, so the more specific names come first. TPU v2/v3 chips show up as two devices (one per core).
+# Peak dense bfloat16 FLOP/s per device, for MFU (vendors' data sheets). Matched in order against
+# the device name, so the more specific names come first. TPU v2/v3 chips show up as two devices
+# (one per core).
 PEAK_FLOPS = [
     ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12),
-    ("A10", 125e12), ("RTX 4090", 165e12), ("RTX A6000", 155e12), ("RTX 3090", 71e12), ("V100", 125e12),
-    ("TPU v2", 22.5e12), ("TPU v3", 61.5e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX A6000", 155e12),
+    ("RTX 3090", 71e12), ("V100", 125e12), ("TPU v2", 22.5e12), ("TPU v3", 61.5e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
 ]
 
 
@@ -281,7 +309,8 @@ def device_name(env):
 
 
 def peak_flops(name):
-    """Peak bf16 FLOP/s of one device called `name`, or None when unknown (then MFU is not printed)."""
+    """Peak bf16 FLOP/s of one device called `name`, or None when unknown (then MFU is not
+    printed)."""
     for key, flops in PEAK_FLOPS:
         if key.lower() in name.lower():
             return flops

@@ -1,20 +1,28 @@
 """
-In-context evaluation (paper sections 2.4 and A.2): the protocols and metrics behind Tables 1-6, runnable offline.
+In-context evaluation (paper sections 2.4 and A.2): the protocols and metrics behind Tables 1-6,
+runnable offline.
 
-    python evaluate.py video        --model M --vqgan V --data data/toyworld/val --features tiny  # FVD-16f (Table 1)
-    python evaluate.py generation   --model M --vqgan V --data ADEChallengeData2016             # FID, IS (Table 2)
-    python evaluate.py segmentation --model M --vqgan V --data cityscapes                       # mIoU, FID (Table 3)
-    python evaluate.py perplexity   --model M --tokens data/tokens/val_video                    # held-out loss
-    python evaluate.py all --model M --vqgan V --data data/toyworld --tokens T --features tiny --limit 32
+    # FVD-16f (Table 1)
+    python evaluate.py video        --model M --vqgan V --data data/toyworld/val --features tiny
+    # FID, IS (Table 2)
+    python evaluate.py generation   --model M --vqgan V --data ADEChallengeData2016
+    # mIoU, FID (Table 3)
+    python evaluate.py segmentation --model M --vqgan V --data cityscapes
+    # held-out loss
+    python evaluate.py perplexity   --model M --tokens data/tokens/val_video
+    python evaluate.py all --model M --vqgan V --data data/toyworld --tokens T --features tiny \\
+        --limit 32
 
-Each protocol states the task with one prompt ("prompt, query"), samples the answer with top-k 100 at temperature 1
-(A.2), decodes it with the VQ-GAN and scores it. The "Ground truth rec." row scores the VQ-GAN round trip of the
-ground truth: the best a decoder-only model can do with this tokenizer. --out gets a Markdown table per protocol in
-the paper's layout (tables.md), results.json and a PNG grid per protocol (prompts, query, generation, truth).
+Each protocol states the task with one prompt ("prompt, query"), samples the answer with top-k 100
+at temperature 1 (A.2), decodes it with the VQ-GAN and scores it. The "Ground truth rec." row scores
+the VQ-GAN round trip of the ground truth: the best a decoder-only model can do with this tokenizer.
+--out gets a Markdown table per protocol in the paper's layout (tables.md), results.json and a PNG
+grid per protocol (prompts, query, generation, truth).
 
---features standard uses the paper's networks: Inception-v3 of the ADM evaluator (torch-fidelity) for FID/IS and
-StyleGAN-V's I3D TorchScript for FVD, both read from local files. --features tiny uses a fixed random conv net: it
-ranks runs against each other offline, but its numbers are not comparable with the paper's.
+--features standard uses the paper's networks: Inception-v3 of the ADM evaluator (torch-fidelity)
+for FID/IS and StyleGAN-V's I3D TorchScript for FVD, both read from local files. --features tiny
+uses a fixed random conv net: it ranks runs against each other offline, but its numbers are not
+comparable with the paper's.
 """
 import argparse
 import itertools
@@ -32,16 +40,18 @@ from tqdm import tqdm
 
 import tokenize_data
 from data import SEQUENCE_BUILDERS, load_tokens
-from metrics import (colors_to_classes, confusion_matrix, feature_distance, inception_score, labels_from_colours,
-                     miou_from_confusion, psnr, ssim)
-from sample import codes_per_image, generate, images_to_tokens, load_model, save_grid, tokens_to_images
+from metrics import (colors_to_classes, confusion_matrix, feature_distance, inception_score,
+                     labels_from_colours, miou_from_confusion, psnr, ssim)
+from sample import (codes_per_image, generate, images_to_tokens, load_model, save_grid,
+                    tokens_to_images)
 
 # -----------------------------------------------------------------------------
-# feature extractors: callables uint8 images [N, 3, H, W] (or videos [N, 3, T, H, W]) -> (features [N, D],
-# logits [N, C] or None), with a `name`. Any such object plugs into the protocols.
+# feature extractors: callables uint8 images [N, 3, H, W] (or videos [N, 3, T, H, W]) ->
+# (features [N, D], logits [N, C] or None), with a `name`. Any such object plugs into the protocols.
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 + INCEPTION_FILE)
 I3D_FILE = "i3d_torchscript.pt"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
 
@@ -50,14 +60,15 @@ def _weights_path(path, filename, url, flag):
     """A local weights file: the given path, else the torch hub cache where downloaders put it."""
     path = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not path.is_file():
-        raise FileNotFoundError(f"{filename} not found at {path}: fetch {url} on a machine with internet and put "
-                                f"it there, or pass {flag} PATH (--features tiny runs offline, not comparable with the "
-                                "paper)")
+        raise FileNotFoundError(f"{filename} not found at {path}: fetch {url} on a machine with "
+                                f"internet and put it there, or pass {flag} PATH (--features tiny "
+                                "runs offline, not comparable with the paper)")
     return path
 
 
 class TinyExtractor(nn.Module):
-    """A fixed random conv net (seeded): features for tests and toy-world runs, images or (video=True) clips."""
+    """A fixed random conv net (seeded): features for tests and toy-world runs, images or
+    (video=True) clips."""
 
     def __init__(self, video=False, dim=64, num_classes=16, seed=0):
         super().__init__()
@@ -66,10 +77,12 @@ class TinyExtractor(nn.Module):
         Conv = nn.Conv3d if video else nn.Conv2d
         with torch.random.fork_rng(devices=[]):  # same weights every run, global RNG untouched
             torch.manual_seed(seed)
-            self.net = nn.Sequential(Conv(3, 16, 3, 2, 1), nn.ReLU(), Conv(16, 32, 3, 2, 1), nn.ReLU(),
+            self.net = nn.Sequential(Conv(3, 16, 3, 2, 1), nn.ReLU(),
+                                     Conv(16, 32, 3, 2, 1), nn.ReLU(),
                                      Conv(32, dim, 3, 2, 1), nn.ReLU())
             self.head = nn.Linear(dim, num_classes)
-            for m in self.modules():  # He init keeps activations (and so the distances) at a readable scale
+            # He init keeps activations (and so the distances) at a readable scale
+            for m in self.modules():
                 if isinstance(m, (Conv, nn.Linear)):
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                     nn.init.zeros_(m.bias)
@@ -85,15 +98,17 @@ class TinyExtractor(nn.Module):
 
 
 class InceptionExtractor:
-    """Inception-v3 of the ADM/TF evaluator via torch-fidelity: pool3 features (2048) for FID, logits for IS."""
+    """Inception-v3 of the ADM/TF evaluator via torch-fidelity: pool3 features (2048) for FID,
+    logits for IS."""
     name = "Inception-v3 (torch-fidelity, ADM compatible)"
 
     def __init__(self, weights=None, device="cpu"):
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError:
-            raise ImportError("FID/IS with --features standard need torch-fidelity: pip install torch-fidelity "
-                              "(or use --features tiny for runs not comparable with the paper)") from None
+            raise ImportError("FID/IS with --features standard need torch-fidelity: pip install "
+                              "torch-fidelity (or use --features tiny for runs not comparable with "
+                              "the paper)") from None
         path = _weights_path(weights, INCEPTION_FILE, INCEPTION_URL, "--inception_weights")
         self.device = device
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
@@ -113,13 +128,16 @@ class I3DExtractor:
         self.device = device
         self.net = torch.jit.load(str(path), map_location=device).eval()
 
+    # uint8 [N, 3, T, H, W]; the script rescales to [-1, 1] and resizes to 224
     @torch.no_grad()
-    def __call__(self, videos):  # uint8 [N, 3, T, H, W]; the script rescales to [-1, 1] and resizes to 224
-        return self.net(videos.to(self.device), rescale=True, resize=True, return_features=True).float(), None
+    def __call__(self, videos):
+        return self.net(videos.to(self.device), rescale=True, resize=True,
+                        return_features=True).float(), None
 
 
 def make_extractor(kind="standard", video=False, device="cpu", weights=None):
-    """The feature network of --features tiny | standard, for images (FID, IS) or clips (video=True, FVD)."""
+    """The feature network of --features tiny | standard, for images (FID, IS) or clips
+    (video=True, FVD)."""
     if kind == "tiny":
         return TinyExtractor(video=video).to(device)
     if kind == "standard":
@@ -128,8 +146,8 @@ def make_extractor(kind="standard", video=False, device="cpu", weights=None):
 
 
 # -----------------------------------------------------------------------------
-# datasets: ADE20K and Cityscapes validation layouts, the toy world, UCF-101 style videos. Files are listed and read
-# with tokenize_data's functions, so evaluation sees images exactly as training did.
+# datasets: ADE20K and Cityscapes validation layouts, the toy world, UCF-101 style videos. Files are
+# listed and read with tokenize_data's functions, so evaluation sees images exactly as training did.
 
 
 class LayoutError(FileNotFoundError):
@@ -143,26 +161,31 @@ class PairedSet:
     units: list  # tokenize_data units ("pair", image path, annotation path), sorted
     palette: np.ndarray  # [K, 3] uint8: colour of class k in the maps the model reads and writes
     luts: dict  # class-index PNG -> colour tables for tokenize_data.read_annotation
-    segmentation: bool  # the annotation is a segmentation map, so classes can be read back from its colours
+    # the annotation is a segmentation map, so classes can be read back from its colours
+    segmentation: bool
 
 
 def find_paired(root, split="val", annotation="segmentation"):
-    """ADE20K (ADEChallengeData2016/{images,annotations}/validation), Cityscapes (leftImg8bit/val + gtFine/val) or
-    the toy world (a folder written by toyworld.py, or one of its splits: images/ + segmentation|edges|depth/)."""
+    """ADE20K (ADEChallengeData2016/{images,annotations}/validation), Cityscapes
+    (leftImg8bit/val + gtFine/val) or the toy world (a folder written by toyworld.py, or one of its
+    splits: images/ + segmentation|edges|depth/)."""
     root = Path(root)
     for base in (root, root / "ADEChallengeData2016"):
         folder = {"val": "validation", "train": "training"}.get(split, split)
         if (base / "images" / folder).is_dir() and (base / "annotations" / folder).is_dir():
-            return _paired("ade20k", base / "images" / folder, base / "annotations" / folder, annotation)
+            return _paired("ade20k", base / "images" / folder,
+                           base / "annotations" / folder, annotation)
     if (root / "leftImg8bit" / split).is_dir() and (root / "gtFine" / split).is_dir():
-        return _paired("cityscapes", root / "leftImg8bit" / split, root / "gtFine" / split, annotation)
+        return _paired("cityscapes", root / "leftImg8bit" / split,
+                       root / "gtFine" / split, annotation)
     toy = root / split if (root / "meta.json").is_file() else root
     if (toy / "images").is_dir() and (toy / annotation).is_dir():
         return _paired("toy", toy / "images", toy / annotation, annotation)
     raise LayoutError(
-        f"{root} is not a paired dataset with a {split!r} split and {annotation!r} annotations: expected ADE20K "
-        "(images/validation/*.jpg + annotations/validation/*.png), Cityscapes (leftImg8bit/val/CITY/*_leftImg8bit.png "
-        f"+ gtFine/val/CITY/*_gtFine_labelTrainIds.png) or a toy world split (images/ + {annotation}/, toyworld.py)")
+        f"{root} is not a paired dataset with a {split!r} split and {annotation!r} annotations: "
+        "expected ADE20K (images/validation/*.jpg + annotations/validation/*.png), Cityscapes "
+        "(leftImg8bit/val/CITY/*_leftImg8bit.png + gtFine/val/CITY/*_gtFine_labelTrainIds.png) or "
+        f"a toy world split (images/ + {annotation}/, toyworld.py)")
 
 
 def _paired(name, images, annotations, annotation):
@@ -170,28 +193,32 @@ def _paired(name, images, annotations, annotation):
         raise ValueError(f"{name} has segmentation annotations only, not {annotation!r}")
     units = [u for u in tokenize_data.list_pairs(str(images), str(annotations)) if u[0] == "pair"]
     if not units:
-        raise FileNotFoundError(f"no image in {images} has an annotation with the same name in {annotations}")
+        raise FileNotFoundError(f"no image in {images} has an annotation with the same name in "
+                                f"{annotations}")
     palette = np.asarray(tokenize_data.PALETTES[name], np.uint8)
     luts = {"index": tokenize_data.index_lut(palette, tokenize_data.INDEX_OFFSET.get(name, 0))}
     if name == "cityscapes":  # *_labelIds maps go through the official id -> trainId table
-        luts["label_ids"] = tokenize_data.index_lut(palette, label_ids=tokenize_data.CITYSCAPES_LABEL_IDS)
+        luts["label_ids"] = tokenize_data.index_lut(palette,
+                                                    label_ids=tokenize_data.CITYSCAPES_LABEL_IDS)
     return PairedSet(name, units, palette, luts, annotation == "segmentation")
 
 
 def read_pair(ds, unit, size):
-    """(image uint8 [3, R, R], annotation colour map uint8 [3, R, R], classes int64 [R, R] (255 = ignore) or None)."""
-    image, annotation = map(torch.tensor, tokenize_data.load_unit(unit, {"size": size}, ds.luts))  # copies: writable
+    """(image uint8 [3, R, R], annotation colour map uint8 [3, R, R], classes int64 [R, R]
+    (255 = ignore) or None)."""
+    # copies: writable
+    image, annotation = map(torch.tensor, tokenize_data.load_unit(unit, {"size": size}, ds.luts))
     labels = labels_from_colours(annotation, ds.palette) if ds.segmentation else None
     return image.permute(2, 0, 1), annotation.permute(2, 0, 1), labels
 
 
 def find_videos(root, split="val"):
-    """Video files (UCF-101: CLASS/*.avi) and frame folders under root, as tokenize_data units; for a toy world,
-    its videos/ folder."""
+    """Video files (UCF-101: CLASS/*.avi) and frame folders under root, as tokenize_data units; for
+    a toy world, its videos/ folder."""
     root = Path(root)
     videos = [f for f in (root / split / "videos", root / "videos") if f.is_dir()]
-    images = (root / "meta.json").is_file() or any((root / d).is_dir() for d in ("images", "leftImg8bit",
-                                                                                 "ADEChallengeData2016"))
+    images = (root / "meta.json").is_file() or any(
+        (root / d).is_dir() for d in ("images", "leftImg8bit", "ADEChallengeData2016"))
     if images and not videos:  # an image dataset: its image folders are not frame folders
         raise LayoutError(f"{root} holds an image dataset, not videos")
     root = videos[0] if videos else root
@@ -199,12 +226,14 @@ def find_videos(root, split="val"):
         raise LayoutError(f"video folder {root} does not exist")
     units = [u for u in tokenize_data.list_videos([str(root)]) if u[0] in ("video", "frames")]
     if not units:
-        raise LayoutError(f"no videos ({', '.join(tokenize_data.VIDEO_EXTS)}) or frame folders under {root}")
+        raise LayoutError(f"no videos ({', '.join(tokenize_data.VIDEO_EXTS)}) or frame folders "
+                          f"under {root}")
     return units
 
 
 def read_clip(unit, frames, stride, size):
-    """uint8 [frames, 3, R, R]: frames 0, stride, 2 stride, ... of a video unit; None if it is too short or broken."""
+    """uint8 [frames, 3, R, R]: frames 0, stride, 2 stride, ... of a video unit; None if it is too
+    short or broken."""
     try:
         rows = tokenize_data.load_unit(unit, {"size": size, "stride": stride, "max_frames": frames})
     except Exception:  # an unreadable video is skipped, as tokenize_data does
@@ -213,20 +242,24 @@ def read_clip(unit, frames, stride, size):
 
 
 # -----------------------------------------------------------------------------
-# the protocols (2.4, A.2). Each takes (model, vqgan, data path, EvalConfig) and returns a dict of numbers:
-# "model" (the generations' metrics) and "gt_rec" (the same metrics of the VQ-GAN round trip of the ground truth).
+# the protocols (2.4, A.2). Each takes (model, vqgan, data path, EvalConfig) and returns a dict of
+# numbers: "model" (the generations' metrics) and "gt_rec" (the same metrics of the VQ-GAN round
+# trip of the ground truth).
 
 
 @dataclass
 class EvalConfig:
-    limit: int | None = None  # at most this many queries (clips, images) or held-out sequences; None = all
+    # at most this many queries (clips, images) or held-out sequences; None = all
+    limit: int | None = None
     batch_size: int = 16  # queries generated at once
     temperature: float = 1.0  # A.2: temperature 1, top-k 100
     top_k: int = 100
     seed: int = 0  # picks the prompt pair and seeds sampling
     split: str = "val"
-    prompt_split: str | None = None  # where the prompt pair comes from (default: split, without reusing it as query)
-    annotation: str = "segmentation"  # the condition of conditional generation (toy world: segmentation|edges|depth)
+    # where the prompt pair comes from (default: split, without reusing it as query)
+    prompt_split: str | None = None
+    # the condition of conditional generation (toy world: segmentation|edges|depth)
+    annotation: str = "segmentation"
     prompt_frames: int = 5  # video: 5 prompt frames, 11 generated, 16 in all (A.2)
     clip_frames: int = 16
     frame_stride: int = 1
@@ -244,17 +277,19 @@ def _uint8(x):
 
 
 def _sample(model, vqgan, prompt, n_images, cfg, generator):
-    """Sample n_images images after prompt tokens [B, T] (A.2: top-k 100, temperature 1): (uint8 images
-    [B, n, 3, H, W], their codes [B, n * tokens_per_image])."""
+    """Sample n_images images after prompt tokens [B, T] (A.2: top-k 100, temperature 1):
+    (uint8 images [B, n, 3, H, W], their codes [B, n * tokens_per_image])."""
     S, device = codes_per_image(vqgan), next(model.parameters()).device
     seq = generate(model, prompt.to(device), n_images * S, cfg.temperature, cfg.top_k,
-                   codebook_size=vqgan.config["num_embeddings"], generator=generator, tokens_per_image=S)
+                   codebook_size=vqgan.config["num_embeddings"], generator=generator,
+                   tokens_per_image=S)
     codes = seq[:, -n_images * S:]
     return _uint8(tokens_to_images(vqgan, codes, S).cpu()), codes.cpu()
 
 
 def _round_trip(vqgan, images):
-    """The VQ-GAN reconstruction of uint8 images [N, 3, H, W]: the "ground truth rec." of the paper's tables."""
+    """The VQ-GAN reconstruction of uint8 images [N, 3, H, W]: the "ground truth rec." of the
+    paper's tables."""
     return _uint8(tokens_to_images(vqgan, images_to_tokens(vqgan, images)).flatten(0, 1).cpu())
 
 
@@ -268,10 +303,12 @@ def _gather(store, extractor, **sets):
 
 
 def _fid_is(store, name):
-    """FID (FVD for clips) of the features gathered as `name` against the ground truth's, and IS of its logits."""
+    """FID (FVD for clips) of the features gathered as `name` against the ground truth's, and IS of
+    its logits."""
     cat = lambda k: torch.cat(store[k])
     return {"fid": feature_distance(cat(name), cat("gt")),
-            "is": inception_score(cat(name + "_logits"))[0] if name + "_logits" in store else float("nan")}
+            "is": (inception_score(cat(name + "_logits"))[0] if name + "_logits" in store
+                   else float("nan"))}
 
 
 def _generator(model, seed):
@@ -293,15 +330,18 @@ def _batched(iterable, n):
 
 @torch.no_grad()
 def eval_video(model, vqgan, data, cfg=EvalConfig()):
-    """Video prediction (Table 1): 16-frame clips, the first 5 frames as the prompt, 11 generated. FVD-16f between
-    the generated clips (prompt frames as the VQ-GAN decodes them + 11 new) and the true clips; per-frame PSNR and
-    SSIM of the 11 generated frames against the truth, a check that needs no feature network."""
-    size, S, T, P = vqgan.config["resolution"], codes_per_image(vqgan), cfg.clip_frames, cfg.prompt_frames
+    """Video prediction (Table 1): 16-frame clips, the first 5 frames as the prompt, 11 generated.
+    FVD-16f between the generated clips (prompt frames as the VQ-GAN decodes them + 11 new) and the
+    true clips; per-frame PSNR and SSIM of the 11 generated frames against the truth, a check that
+    needs no feature network."""
+    size, S, T, P = (vqgan.config["resolution"], codes_per_image(vqgan), cfg.clip_frames,
+                     cfg.prompt_frames)
     extractor = cfg.video_extractor or TinyExtractor(video=True)
     units, generator = find_videos(data, cfg.split), _generator(model, cfg.seed)
     skipped = 0
 
-    def clips():  # one clip per video (2.4), from its first frame; too short or unreadable videos are skipped
+    # one clip per video (2.4), from its first frame; too short or unreadable videos are skipped
+    def clips():
         nonlocal skipped
         for unit in units:
             clip = read_clip(unit, T, cfg.frame_stride, size)
@@ -309,49 +349,63 @@ def eval_video(model, vqgan, data, cfg=EvalConfig()):
             if clip is not None:
                 yield clip
 
-    n, store, rows, per_frame = 0, {}, [], {k: [] for k in ("psnr", "ssim", "rec_psnr", "rec_ssim", "last_psnr", "last_ssim")}
+    n, store, rows, per_frame = 0, {}, [], {k: [] for k in ("psnr", "ssim", "rec_psnr", "rec_ssim",
+                                                            "last_psnr", "last_ssim")}
     bar = tqdm(total=cfg.limit or len(units), desc="video prediction", unit="clip")
     for batch in _batched(itertools.islice(clips(), cfg.limit), cfg.batch_size):
         truth = torch.stack(batch)  # [B, T, 3, R, R]
         B = len(truth)
         tokens = images_to_tokens(vqgan, truth.flatten(0, 1)).view(B, T * S)
         recon = _uint8(tokens_to_images(vqgan, tokens, S).cpu())
-        generated = torch.cat([recon[:, :P], _sample(model, vqgan, tokens[:, :P * S], T - P, cfg, generator)[0]], 1)
-        _gather(store, extractor, gen=generated.transpose(1, 2), gt=truth.transpose(1, 2), rec=recon.transpose(1, 2))
+        generated = torch.cat(
+            [recon[:, :P], _sample(model, vqgan, tokens[:, :P * S], T - P, cfg, generator)[0]], 1)
+        _gather(store, extractor, gen=generated.transpose(1, 2), gt=truth.transpose(1, 2),
+                rec=recon.transpose(1, 2))
         future = lambda x: x[:, P:].flatten(0, 1).float() / 255  # the predicted frames
-        repeat_last = truth[:, P - 1:P].expand_as(truth)  # the naive forecast: nothing moves after the prompt
+        # the naive forecast: nothing moves after the prompt
+        repeat_last = truth[:, P - 1:P].expand_as(truth)
         for prefix, x in (("", generated), ("rec_", recon), ("last_", repeat_last)):
             per_frame[prefix + "psnr"].append(psnr(future(x), future(truth)).view(B, T - P))
             per_frame[prefix + "ssim"].append(ssim(future(x), future(truth)).view(B, T - P))
-        rows += [row for i in range(B) for row in (list(truth[i]), [None] * P + list(generated[i, P:]))]
+        rows += [row for i in range(B)
+                 for row in (list(truth[i]), [None] * P + list(generated[i, P:]))]
         rows, n = rows[:cfg.grid_rows], n + B
         bar.update(B)
     bar.close()
     if n == 0:
-        raise ValueError(f"no video under {data} has the {(T - 1) * cfg.frame_stride + 1} frames a clip needs")
-    frames = {k: torch.cat(v).mean(0) for k, v in per_frame.items()}  # mean over clips, per predicted frame
-    name = "toy" if any((p / "meta.json").is_file() for p in (Path(data), Path(data).parent)) else Path(data).name
+        raise ValueError(f"no video under {data} has the {(T - 1) * cfg.frame_stride + 1} "
+                         "frames a clip needs")
+    # mean over clips, per predicted frame
+    frames = {k: torch.cat(v).mean(0) for k, v in per_frame.items()}
+    name = ("toy" if any((p / "meta.json").is_file() for p in (Path(data), Path(data).parent))
+            else Path(data).name)
     return dict(protocol="video", dataset=name, queries=n, skipped=skipped, features=extractor.name,
                 model=dict(fvd=_fid_is(store, "gen")["fid"], psnr=frames["psnr"].mean().item(),
-                           ssim=frames["ssim"].mean().item(), psnr_per_frame=frames["psnr"].tolist(),
+                           ssim=frames["ssim"].mean().item(),
+                           psnr_per_frame=frames["psnr"].tolist(),
                            ssim_per_frame=frames["ssim"].tolist()),
                 gt_rec=dict(fvd=_fid_is(store, "rec")["fid"], psnr=frames["rec_psnr"].mean().item(),
                             ssim=frames["rec_ssim"].mean().item()),
-                repeat_last=dict(psnr=frames["last_psnr"].mean().item(), ssim=frames["last_ssim"].mean().item(),
+                repeat_last=dict(psnr=frames["last_psnr"].mean().item(),
+                                 ssim=frames["last_ssim"].mean().item(),
                                  psnr_per_frame=frames["last_psnr"].tolist()),
                 grid=_save_grid(cfg, f"video_{name}", rows))
 
 
 def _prompt_and_queries(data, cfg, annotation, num_prompts=1):
-    """(paired set, the prompts' paired set, the prompt units, the query units): the same prompts for all queries,
-    drawn by seed from the prompt split (A.2: "we randomly sample one of the training set prompts and use the same
-    prompt for all"). The first prompt is the same whatever num_prompts is."""
+    """(paired set, the prompts' paired set, the prompt units, the query units): the same prompts
+    for all queries, drawn by seed from the prompt split (A.2: "we randomly sample one of the
+    training set prompts and use the same prompt for all"). The first prompt is the same whatever
+    num_prompts is."""
     ds = find_paired(data, cfg.split, annotation)
-    prompts = ds if cfg.prompt_split in (None, cfg.split) else find_paired(data, cfg.prompt_split, annotation)
+    prompts = (ds if cfg.prompt_split in (None, cfg.split)
+               else find_paired(data, cfg.prompt_split, annotation))
     if num_prompts > len(prompts.units):
-        raise ValueError(f"{data} has {len(prompts.units)} prompt pairs, fewer than the {num_prompts} asked for")
+        raise ValueError(f"{data} has {len(prompts.units)} prompt pairs, fewer than the "
+                         f"{num_prompts} asked for")
     first = int(np.random.default_rng(cfg.seed).integers(len(prompts.units)))
-    rest = [i for i in np.random.default_rng(cfg.seed + 1).permutation(len(prompts.units)) if i != first]
+    rest = [i for i in np.random.default_rng(cfg.seed + 1).permutation(len(prompts.units))
+            if i != first]
     chosen = [prompts.units[i] for i in ([first] + rest)[:num_prompts]]
     queries = [u for u in ds.units if u[1] not in {p[1] for p in chosen}][:cfg.limit]
     if not queries:
@@ -360,10 +414,11 @@ def _prompt_and_queries(data, cfg, annotation, num_prompts=1):
 
 
 def _answer_queries(model, vqgan, data, cfg, annotation, to_annotation, desc, num_prompts=1):
-    """The in-context image tasks (2.4): prompt pairs, "image, annotation" (to_annotation, e.g. segmentation) or
-    "annotation, image" (generation), then each query. Returns (paired set, prompt units, prompt images, number of
-    queries, batches of (query, generated answer, true answer: uint8 [B, 3, R, R]; classes or None; fraction of
-    the answer's codes equal to the true answer's codes [B]))."""
+    """The in-context image tasks (2.4): prompt pairs, "image, annotation" (to_annotation, e.g.
+    segmentation) or "annotation, image" (generation), then each query. Returns (paired set, prompt
+    units, prompt images, number of queries, batches of (query, generated answer, true answer: uint8
+    [B, 3, R, R]; classes or None; fraction of the answer's codes equal to the true answer's codes
+    [B]))."""
     size, S = vqgan.config["resolution"], codes_per_image(vqgan)
     ds, prompts, chosen, queries = _prompt_and_queries(data, cfg, annotation, num_prompts)
     pairs = [read_pair(prompts, u, size)[:2] for u in chosen]
@@ -381,67 +436,85 @@ def _answer_queries(model, vqgan, data, cfg, annotation, to_annotation, desc, nu
                                 images_to_tokens(vqgan, query).cpu()], 1)
             generated, codes = _sample(model, vqgan, tokens, 1, cfg, generator)
             accuracy = (codes.cpu() == images_to_tokens(vqgan, truth).cpu()).float().mean(1)
-            yield query, generated[:, 0], truth, torch.stack(labels) if ds.segmentation else None, accuracy
+            yield (query, generated[:, 0], truth, torch.stack(labels) if ds.segmentation else None,
+                   accuracy)
 
     return ds, chosen, shown, len(queries), batches()
 
 
 @torch.no_grad()
 def eval_generation(model, vqgan, data, cfg=EvalConfig()):
-    """Conditional image generation (Table 2): the prompt pair "annotation, image", then the query's annotation;
-    FID and IS of the generated images against the true images."""
-    ds, (prompt,), pair, n, batches = _answer_queries(model, vqgan, data, cfg, cfg.annotation, False,
-                                                      f"generation from {cfg.annotation}")
-    extractor, store, rows, psnrs = cfg.image_extractor or TinyExtractor(), {}, [], {"gen": [], "rec": []}
+    """Conditional image generation (Table 2): the prompt pair "annotation, image", then the query's
+    annotation; FID and IS of the generated images against the true images."""
+    ds, (prompt,), pair, n, batches = _answer_queries(model, vqgan, data, cfg, cfg.annotation,
+                                                      False, f"generation from {cfg.annotation}")
+    extractor, store, rows, psnrs = (cfg.image_extractor or TinyExtractor(), {}, [],
+                                     {"gen": [], "rec": []})
     for query, generated, truth, _, _ in batches:
         recon = _round_trip(vqgan, truth)
         _gather(store, extractor, gen=generated, gt=truth, rec=recon)
         for name, x in (("gen", generated), ("rec", recon)):  # a weight-free check beside FID
             psnrs[name].append(psnr(x.float() / 255, truth.float() / 255))
-        rows += [pair + [None, q, g, t] for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
-    scores = {name: {**_fid_is(store, name), "psnr": torch.cat(psnrs[name]).mean().item()} for name in psnrs}
-    return dict(protocol="generation", dataset=ds.name, condition=cfg.annotation, queries=n, features=extractor.name,
-                prompt=str(prompt[1]), model=scores["gen"], gt_rec=scores["rec"],
+        rows += [pair + [None, q, g, t]
+                 for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
+    scores = {name: {**_fid_is(store, name), "psnr": torch.cat(psnrs[name]).mean().item()}
+              for name in psnrs}
+    return dict(protocol="generation", dataset=ds.name, condition=cfg.annotation, queries=n,
+                features=extractor.name, prompt=str(prompt[1]), model=scores["gen"],
+                gt_rec=scores["rec"],
                 grid=_save_grid(cfg, f"generation_{ds.name}_{cfg.annotation}", rows))
 
 
 @torch.no_grad()
 def eval_segmentation(model, vqgan, data, cfg=EvalConfig()):
-    """Semantic segmentation (Table 3): the prompt pair "image, segmentation map" (cfg.prompt_pairs of them), then
-    the query image; the generated colour map read as classes by nearest palette colour; mIoU (in %, as the paper)
-    over the classes present in the ground truth, FID between generated and true maps, and the share of answer codes
-    equal to the codes of the true map."""
-    ds, chosen, shown, n, batches = _answer_queries(model, vqgan, data, cfg, "segmentation", True, "segmentation",
-                                                    cfg.prompt_pairs)
-    extractor, store, rows, conf, conf_rec, conf_bg = cfg.image_extractor or TinyExtractor(), {}, [], 0, 0, 0
+    """Semantic segmentation (Table 3): the prompt pair "image, segmentation map"
+    (cfg.prompt_pairs of them), then the query image; the generated colour map read as classes by
+    nearest palette colour; mIoU (in %, as the paper) over the classes present in the ground truth,
+    FID between generated and true maps, and the share of answer codes equal to the codes of the
+    true map."""
+    ds, chosen, shown, n, batches = _answer_queries(model, vqgan, data, cfg, "segmentation", True,
+                                                    "segmentation", cfg.prompt_pairs)
+    extractor, store, rows, conf, conf_rec, conf_bg = (cfg.image_extractor or TinyExtractor(),
+                                                       {}, [], 0, 0, 0)
     K, accuracy = len(ds.palette), []
     for query, generated, truth, labels, acc in batches:
         recon = _round_trip(vqgan, truth)
-        conf += confusion_matrix(colors_to_classes(generated.permute(0, 2, 3, 1), ds.palette), labels, K)
-        conf_rec += confusion_matrix(colors_to_classes(recon.permute(0, 2, 3, 1), ds.palette), labels, K)
-        conf_bg += confusion_matrix(torch.zeros_like(labels), labels, K)  # baseline: class 0 (toy: background) everywhere
+        conf += confusion_matrix(colors_to_classes(generated.permute(0, 2, 3, 1), ds.palette),
+                                 labels, K)
+        conf_rec += confusion_matrix(colors_to_classes(recon.permute(0, 2, 3, 1), ds.palette),
+                                     labels, K)
+        # baseline: class 0 (toy: background) everywhere
+        conf_bg += confusion_matrix(torch.zeros_like(labels), labels, K)
         _gather(store, extractor, gen=generated, gt=truth, rec=recon)
         accuracy.append(acc)
-        rows += [shown[-2:] + [None, q, g, t] for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
+        rows += [shown[-2:] + [None, q, g, t]
+                 for q, g, t in zip(query, generated, truth)][:cfg.grid_rows - len(rows)]
     return dict(protocol="segmentation", dataset=ds.name, queries=n, features=extractor.name,
-                prompt=str(chosen[0][1]) if chosen else None, prompt_pairs=len(chosen), num_classes=K,
+                prompt=str(chosen[0][1]) if chosen else None, prompt_pairs=len(chosen),
+                num_classes=K,
                 model=dict(miou=100 * miou_from_confusion(conf), fid=_fid_is(store, "gen")["fid"],
                            token_accuracy=100 * torch.cat(accuracy).mean().item()),
-                gt_rec=dict(miou=100 * miou_from_confusion(conf_rec), fid=_fid_is(store, "rec")["fid"]),
+                gt_rec=dict(miou=100 * miou_from_confusion(conf_rec),
+                            fid=_fid_is(store, "rec")["fid"]),
                 first_class=dict(miou=100 * miou_from_confusion(conf_bg)),
                 grid=_save_grid(cfg, f"segmentation_{ds.name}", rows))
 
 
 @torch.no_grad()
 def eval_curve(model, vqgan, data, cfg=EvalConfig(), counts=(0, 1, 2, 4, 7)):
-    """The in-context curve: segmentation after 0, 1, 2, 4 and 7 prompt pairs, the same queries each time (with
-    none, the model only sees the query and must guess what follows it). Token accuracy and mIoU per count."""
+    """The in-context curve: segmentation after 0, 1, 2, 4 and 7 prompt pairs, the same queries each
+    time (with none, the model only sees the query and must guess what follows it). Token accuracy
+    and mIoU per count."""
     ds = find_paired(data, cfg.split)
     prompts = ds if cfg.prompt_split in (None, cfg.split) else find_paired(data, cfg.prompt_split)
-    counts = [k for k in counts if k <= len(prompts.units) - (prompts is ds)]  # leave a query in a small split
-    runs = [eval_segmentation(model, vqgan, data, replace(cfg, prompt_pairs=k, out=None)) for k in counts]
-    curve = dict(protocol="curve", dataset=runs[0]["dataset"], queries=runs[0]["queries"], prompt_pairs=list(counts),
-                 token_accuracy=[r["model"]["token_accuracy"] for r in runs], miou=[r["model"]["miou"] for r in runs])
+    # leave a query in a small split
+    counts = [k for k in counts if k <= len(prompts.units) - (prompts is ds)]
+    runs = [eval_segmentation(model, vqgan, data, replace(cfg, prompt_pairs=k, out=None))
+            for k in counts]
+    curve = dict(protocol="curve", dataset=runs[0]["dataset"], queries=runs[0]["queries"],
+                 prompt_pairs=list(counts),
+                 token_accuracy=[r["model"]["token_accuracy"] for r in runs],
+                 miou=[r["model"]["miou"] for r in runs])
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         curve["plot"] = plot_curve(curve, Path(cfg.out) / f"curve_{curve['dataset']}.png")
@@ -449,7 +522,8 @@ def eval_curve(model, vqgan, data, cfg=EvalConfig(), counts=(0, 1, 2, 4, 7)):
 
 
 def plot_curve(curve, path, width=420, height=260):
-    """A small line plot (PIL only) of token accuracy and mIoU (%) against the number of prompt pairs."""
+    """A small line plot (PIL only) of token accuracy and mIoU (%) against the number of prompt
+    pairs."""
     from PIL import Image, ImageDraw
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -467,36 +541,44 @@ def plot_curve(curve, path, width=420, height=260):
         draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text((left + 10 + 150 * n, 8), {"token_accuracy": "answer-token accuracy", "miou": "mIoU"}[key],
-                  fill=colour)
+        draw.text((left + 10 + 150 * n, 8),
+                  {"token_accuracy": "answer-token accuracy", "miou": "mIoU"}[key], fill=colour)
     image.save(path)
     return str(path)
 
 
 @torch.no_grad()
 def eval_tasks(model, vqgan, data, cfg=EvalConfig()):
-    """Does the prompt choose the task? Each held-out query image is asked once per annotation task X, with one
-    prompt pair "image, X" (the same prompt image for every task). Task identified: the answer is nearer (pixel
-    MSE) to the query's X than to its other annotations. Uses the query: nearer to its own query's X than to
-    another query's X. Reports both (%), the task x nearest-truth table and a picture: one query, a row per task."""
+    """Does the prompt choose the task? Each held-out query image is asked once per annotation task
+    X, with one prompt pair "image, X" (the same prompt image for every task). Task identified: the
+    answer is nearer (pixel MSE) to the query's X than to its other annotations. Uses the query:
+    nearer to its own query's X than to another query's X. Reports both (%), the task x
+    nearest-truth table and a picture: one query, a row per task."""
     size, tasks = vqgan.config["resolution"], list(cfg.tasks)
     answers, truths, rows = {}, {}, []
     for task in tasks:
-        ds, (prompt,), shown, n, batches = _answer_queries(model, vqgan, data, cfg, task, True, f"task {task}")
-        answers[task], truths[task] = map(torch.cat, zip(*[(generated, truth) for _, generated, truth, _, _ in batches]))
+        ds, (prompt,), shown, n, batches = _answer_queries(model, vqgan, data, cfg, task, True,
+                                                           f"task {task}")
+        answers[task], truths[task] = map(
+            torch.cat, zip(*[(generated, truth) for _, generated, truth, _, _ in batches]))
         query = read_pair(ds, _prompt_and_queries(data, cfg, task)[3][0], size)[0]
         rows.append(shown + [None, query, answers[task][0], truths[task][0]])
     if n < 2:
-        raise ValueError("the task protocol needs at least 2 queries (one answer is compared with another's truth)")
+        raise ValueError("the task protocol needs at least 2 queries "
+                         "(one answer is compared with another's truth)")
     mse = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)
     nearest, identified, uses_query = {}, {}, {}
     for task in tasks:
-        distances = torch.stack([mse(answers[task], truths[other]) for other in tasks], 1)  # [N, tasks]
+        # [N, tasks]
+        distances = torch.stack([mse(answers[task], truths[other]) for other in tasks], 1)
         winner = distances.argmin(1)
-        nearest[task] = {other: 100 * (winner == j).float().mean().item() for j, other in enumerate(tasks)}
+        nearest[task] = {other: 100 * (winner == j).float().mean().item()
+                         for j, other in enumerate(tasks)}
         identified[task] = nearest[task][task]
-        other_query = truths[task].roll(1, 0)  # the previous query's truth (the last query's for the first)
-        uses_query[task] = 100 * (distances[:, tasks.index(task)] < mse(answers[task], other_query)).float().mean().item()
+        # the previous query's truth (the last query's for the first)
+        other_query = truths[task].roll(1, 0)
+        uses_query[task] = 100 * (distances[:, tasks.index(task)]
+                                  < mse(answers[task], other_query)).float().mean().item()
     return dict(protocol="tasks", dataset="toy", queries=n, tasks=tasks, identified=identified,
                 uses_query=uses_query, nearest=nearest, grid=_save_grid(cfg, "tasks_toy", rows))
 
@@ -506,19 +588,23 @@ SEQUENCES = {"images": ["single"], "video": ["natural"], "pairs": ["discriminati
 
 @torch.no_grad()
 def eval_perplexity(model, tokens, cfg=EvalConfig()):
-    """Held-out next-token loss of a token file (data.py's contract), per sequence kind its data makes:
-    mean cross-entropy over predicted tokens (nats), its exp (perplexity) and top-1 next-token accuracy."""
+    """Held-out next-token loss of a token file (data.py's contract), per sequence kind its data
+    makes: mean cross-entropy over predicted tokens (nats), its exp (perplexity) and top-1
+    next-token accuracy."""
     data = load_tokens(tokens)
     S, K, kind = data.meta["tokens_per_image"], data.meta["vocab_size"], data.meta["kind"]
-    n_images = min(16, model.args.max_seq_len // S)  # 16 images (N = 16 of stage 2) if the context holds them
+    # 16 images (N = 16 of stage 2) if the context holds them
+    n_images = min(16, model.args.max_seq_len // S)
     if n_images == 0 or model.args.vocab_size < K:
-        raise ValueError(f"{tokens}: images of {S} tokens from a {K}-code tokenizer do not fit this model "
-                         f"(context {model.args.max_seq_len}, vocabulary {model.args.vocab_size})")
+        raise ValueError(f"{tokens}: images of {S} tokens from a {K}-code tokenizer do not fit "
+                         f"this model (context {model.args.max_seq_len}, vocabulary "
+                         f"{model.args.vocab_size})")
     device, rng = next(model.parameters()).device, np.random.default_rng(cfg.seed)
     n = min(cfg.num_sequences, cfg.limit or cfg.num_sequences)
     out = {}
     for name in SEQUENCES[kind]:
-        kwargs = {"single": {}, "natural": dict(n_images=n_images)}.get(name, dict(n_pairs=n_images // 2))
+        kwargs = {"single": {}, "natural": dict(n_images=n_images)}.get(
+            name, dict(n_pairs=n_images // 2))
         seqs = torch.from_numpy(np.stack([SEQUENCE_BUILDERS[name](data, rng, **kwargs)
                                           for _ in range(n)]))
         nll, correct = 0.0, 0
@@ -528,8 +614,8 @@ def eval_perplexity(model, tokens, cfg=EvalConfig()):
             nll += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
             correct += (logits.argmax(-1) == x[:, 1:]).sum().item()
         count = n * (seqs.shape[1] - 1)
-        out[name] = dict(loss=nll / count, perplexity=math.exp(nll / count), accuracy=100 * correct / count,
-                         tokens=count)
+        out[name] = dict(loss=nll / count, perplexity=math.exp(nll / count),
+                         accuracy=100 * correct / count, tokens=count)
     return dict(protocol="perplexity", dataset=Path(str(tokens)).name, kind=kind, model=out)
 
 
@@ -537,16 +623,20 @@ def eval_perplexity(model, tokens, cfg=EvalConfig()):
 # output: Markdown tables in the layout of the paper's Tables 1-3, results.json, PNG grids
 
 COLUMNS = {  # protocol -> (metric, header, decimals)
-    "video": [("fvd", "FVD-16f ↓", 1), ("psnr", "PSNR ↑", 2), ("ssim", "SSIM ↑", 3)],  # Table 1
-    "generation": [("fid", "FID ↓", 1), ("is", "IS ↑", 1), ("psnr", "PSNR ↑", 2)],  # Table 2, plus PSNR
+    # Table 1
+    "video": [("fvd", "FVD-16f ↓", 1), ("psnr", "PSNR ↑", 2), ("ssim", "SSIM ↑", 3)],
+    # Table 2, plus PSNR
+    "generation": [("fid", "FID ↓", 1), ("is", "IS ↑", 1), ("psnr", "PSNR ↑", 2)],
     "segmentation": [("miou", "mIOU ↑", 1), ("fid", "FID ↓", 1)],  # Table 3
 }
-CONDITIONS = {"segmentation": "seg.", "edges": "edge", "depth": "depth"}  # Table 2's "synthesis condition" names
+# Table 2's "synthesis condition" names
+CONDITIONS = {"segmentation": "seg.", "edges": "edge", "depth": "depth"}
 
 
 def markdown_table(results, model_name="LVM-Lite"):
-    """One Markdown table for results of one protocol (a column group per dataset or condition): a row for the
-    model and a "Ground truth rec." row, as in the paper; a note below names the data and the feature network."""
+    """One Markdown table for results of one protocol (a column group per dataset or condition): a
+    row for the model and a "Ground truth rec." row, as in the paper; a note below names the data
+    and the feature network."""
     protocol = results[0]["protocol"]
     if protocol == "tasks":
         r = results[0]
@@ -554,37 +644,47 @@ def markdown_table(results, model_name="LVM-Lite"):
                  " | nearer own query than another (%) |", "|---" * (len(r["tasks"]) + 2) + "|"]
         lines += [f"| {t} | " + " | ".join(f"{r['nearest'][t][o]:.1f}" for o in r["tasks"]) +
                   f" | {r['uses_query'][t]:.1f} |" for t in r["tasks"]]
-        return "\n".join(lines) + f"\n\n{r['queries']} queries, one prompt pair each; nearest by pixel MSE.\n"
+        return "\n".join(lines) + (f"\n\n{r['queries']} queries, one prompt pair each; "
+                                   "nearest by pixel MSE.\n")
     if protocol == "curve":
         r = results[0]
         lines = ["| prompt pairs | " + " | ".join(map(str, r["prompt_pairs"])) + " |",
                  "|---" * (len(r["prompt_pairs"]) + 1) + "|",
-                 "| answer-token accuracy (%) | " + " | ".join(f"{v:.1f}" for v in r["token_accuracy"]) + " |",
+                 "| answer-token accuracy (%) | "
+                 + " | ".join(f"{v:.1f}" for v in r["token_accuracy"]) + " |",
                  "| segmentation mIoU (%) | " + " | ".join(f"{v:.1f}" for v in r["miou"]) + " |"]
         return "\n".join(lines) + f"\n\n{r['queries']} queries, the same at every count.\n"
     if protocol == "perplexity":
-        lines = ["| Model | data | sequence | loss (nats) | perplexity ↓ | next-token acc. (%) ↑ |", "|---" * 6 + "|"]
+        lines = ["| Model | data | sequence | loss (nats) | "
+                 "perplexity ↓ | next-token acc. (%) ↑ |", "|---" * 6 + "|"]
         for r in results:
-            lines += [f"| {model_name} | {r['dataset']} | {seq} | {m['loss']:.3f} | {m['perplexity']:.1f} | "
-                      f"{m['accuracy']:.1f} |" for seq, m in r["model"].items()]
+            lines += [f"| {model_name} | {r['dataset']} | {seq} | {m['loss']:.3f} | "
+                      f"{m['perplexity']:.1f} | {m['accuracy']:.1f} |"
+                      for seq, m in r["model"].items()]
         return "\n".join(lines) + "\n"
-    label = lambda r: r["dataset"] + (f" {CONDITIONS.get(r['condition'], r['condition'])}" if "condition" in r else "")
+    label = lambda r: r["dataset"] + (f" {CONDITIONS.get(r['condition'], r['condition'])}"
+                                      if "condition" in r else "")
     header = ["Model"] + [f"{label(r)} {h}" for r in results for _, h, _ in COLUMNS[protocol]]
     cell = lambda v, d: "-" if v is None or math.isnan(v) else f"{v:.{d}f}"
-    baselines = ((model_name, "model"), ("Ground truth rec.", "gt_rec"), ("Repeat last prompt frame", "repeat_last"))
+    baselines = ((model_name, "model"), ("Ground truth rec.", "gt_rec"),
+                 ("Repeat last prompt frame", "repeat_last"))
     rows = [[name] + [cell(r[key].get(k), d) for r in results for k, _, d in COLUMNS[protocol]]
             for name, key in baselines if all(key in r for r in results)]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+    lines = (["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+             + ["| " + " | ".join(r) + " |" for r in rows])
     notes = "; ".join(f"{label(r)}: {r['queries']} queries" for r in results)
     return "\n".join(lines) + f"\n\n{notes}. Features: {results[0]['features']}.\n"
 
 
 def write_results(results, out, model_name="LVM-Lite"):
-    """out/tables.md (a table per protocol, in the paper's order) and out/results.json; returns the Markdown."""
+    """out/tables.md (a table per protocol, in the paper's order) and out/results.json; returns the
+    Markdown."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    titles = {"video": "Video prediction (Table 1)", "generation": "Conditional image generation (Table 2)",
-              "segmentation": "Semantic segmentation (Table 3)", "tasks": "The prompt chooses the task",
-              "curve": "In-context curve", "perplexity": "Held-out next-token prediction"}
+    titles = {"video": "Video prediction (Table 1)",
+              "generation": "Conditional image generation (Table 2)",
+              "segmentation": "Semantic segmentation (Table 3)",
+              "tasks": "The prompt chooses the task", "curve": "In-context curve",
+              "perplexity": "Held-out next-token prediction"}
     text = ""
     for protocol, title in titles.items():
         group = [r for r in results if r["protocol"] == protocol]
@@ -598,7 +698,8 @@ def write_results(results, out, model_name="LVM-Lite"):
 def _json_safe(x):
     """nan (a metric with too few samples) becomes null: JSON has no NaN."""
     if isinstance(x, (dict, list)):
-        return {k: _json_safe(v) for k, v in x.items()} if isinstance(x, dict) else [_json_safe(v) for v in x]
+        return ({k: _json_safe(v) for k, v in x.items()} if isinstance(x, dict)
+                else [_json_safe(v) for v in x])
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
@@ -607,33 +708,46 @@ def _json_safe(x):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Run the paper's in-context evaluation protocols on a dataset folder "
-                                "and write Markdown tables (the paper's layout), results.json and PNG grids.")
-    p.add_argument("protocol", choices=["video", "generation", "segmentation", "tasks", "curve", "perplexity", "all"],
-                   help="tasks, curve: the toy world's task-choice and 0-7 prompt-pair checks; all: every protocol "
-                   "the data supports (the toy world has them all)")
-    p.add_argument("--model", required=True, help="ckpt.pt from training, or a Hugging Face LLaMA directory")
-    p.add_argument("--vqgan", help="VQ-GAN checkpoint directory (vqgan.load_pretrained); all but perplexity")
-    p.add_argument("--data", help="dataset folder: ADE20K, Cityscapes, UCF-101 / frame folders, or a toy world")
-    p.add_argument("--tokens", nargs="+", default=[], help="held-out token files D/NAME (perplexity)")
-    p.add_argument("--out", default="out/eval", help="folder for tables.md, results.json and the grids")
+    p = argparse.ArgumentParser(description="Run the paper's in-context evaluation protocols on a "
+                                "dataset folder and write Markdown tables (the paper's layout), "
+                                "results.json and PNG grids.")
+    p.add_argument("protocol",
+                   choices=["video", "generation", "segmentation", "tasks", "curve", "perplexity",
+                            "all"],
+                   help="tasks, curve: the toy world's task-choice and 0-7 prompt-pair checks; "
+                   "all: every protocol the data supports (the toy world has them all)")
+    p.add_argument("--model", required=True,
+                   help="ckpt.pt from training, or a Hugging Face LLaMA directory")
+    p.add_argument("--vqgan",
+                   help="VQ-GAN checkpoint directory (vqgan.load_pretrained); all but perplexity")
+    p.add_argument("--data", help="dataset folder: ADE20K, Cityscapes, UCF-101 / frame folders, or "
+                                  "a toy world")
+    p.add_argument("--tokens", nargs="+", default=[],
+                   help="held-out token files D/NAME (perplexity)")
+    p.add_argument("--out", default="out/eval",
+                   help="folder for tables.md, results.json and the grids")
     p.add_argument("--name", help="model name in the tables (default: from --model)")
     p.add_argument("--features", choices=["standard", "tiny"], default="standard",
-                   help="standard: Inception (torch-fidelity) and I3D, as the paper; tiny: a random conv net, "
-                   "offline, NOT comparable with the paper's numbers")
-    p.add_argument("--inception_weights", help=f"path of {INCEPTION_FILE} (default: the torch hub cache)")
+                   help="standard: Inception (torch-fidelity) and I3D, as the paper; "
+                   "tiny: a random conv net, offline, NOT comparable with the paper's numbers")
+    p.add_argument("--inception_weights",
+                   help=f"path of {INCEPTION_FILE} (default: the torch hub cache)")
     p.add_argument("--i3d_weights", help=f"path of {I3D_FILE} (default: the torch hub cache)")
     p.add_argument("--annotation", default="segmentation",
-                   help="condition(s) for generation, comma-separated (toy world: segmentation,edges,depth)")
-    p.add_argument("--limit", type=int, help="at most this many queries (or held-out sequences), for quick runs")
+                   help="condition(s) for generation, comma-separated "
+                        "(toy world: segmentation,edges,depth)")
+    p.add_argument("--limit", type=int,
+                   help="at most this many queries (or held-out sequences), for quick runs")
     p.add_argument("--split", default="val")
-    p.add_argument("--prompt_split", help="split the one prompt pair is drawn from (default: --split)")
-    for name, default in (("batch_size", 16), ("top_k", 100), ("seed", 0), ("prompt_frames", 5), ("clip_frames", 16),
-                          ("frame_stride", 1), ("num_sequences", 256)):
+    p.add_argument("--prompt_split",
+                   help="split the one prompt pair is drawn from (default: --split)")
+    for name, default in (("batch_size", 16), ("top_k", 100), ("seed", 0), ("prompt_frames", 5),
+                          ("clip_frames", 16), ("frame_stride", 1), ("num_sequences", 256)):
         p.add_argument(f"--{name}", type=int, default=default, help=f"default {default}")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="model weights (default: bf16 on GPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="model weights (default: bf16 on GPU)")
     args = p.parse_args(argv)
     if args.protocol != "perplexity" and not (args.vqgan and args.data):
         p.error(f"{args.protocol} needs --vqgan and --data")
@@ -645,28 +759,33 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    shared = ("limit", "batch_size", "temperature", "top_k", "seed", "split", "prompt_split", "prompt_frames",
-              "clip_frames", "frame_stride", "num_sequences", "out")
+    shared = ("limit", "batch_size", "temperature", "top_k", "seed", "split", "prompt_split",
+              "prompt_frames", "clip_frames", "frame_stride", "num_sequences", "out")
     cfg = EvalConfig(**{k: getattr(args, k) for k in shared})
     everything = ["video", "generation", "segmentation", "tasks", "curve", "perplexity"]
     wanted = everything if args.protocol == "all" else [args.protocol]
     runs = [("video", eval_video, cfg)] if "video" in wanted else []
     if "generation" in wanted:
-        runs += [("generation", eval_generation, replace(cfg, annotation=a)) for a in args.annotation.split(",")]
+        runs += [("generation", eval_generation, replace(cfg, annotation=a))
+                 for a in args.annotation.split(",")]
     protocols = {"segmentation": eval_segmentation, "tasks": eval_tasks, "curve": eval_curve}
     runs += [(name, run, cfg) for name, run in protocols.items() if name in wanted]
     extractors, results = {}, []
     try:
-        model = load_model(args.model, device, getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda"
-                                                                             else "float32")))
+        model = load_model(args.model, device,
+                           getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda"
+                                                         else "float32")))
         if runs:
             import vqgan as vq
             tokenizer = vq.load_pretrained(args.vqgan, device)
         for protocol, run, c in runs:
-            try:  # find the data first: 'all' skips tasks the folder does not have, before loading any weights
+            # find the data first: 'all' skips tasks the folder does not have,
+            # before loading any weights
+            try:
                 if protocol == "video":
                     find_videos(args.data, c.split)
-                for annotation in c.tasks if protocol == "tasks" else [] if protocol == "video" else [c.annotation]:
+                for annotation in (c.tasks if protocol == "tasks" else [] if protocol == "video"
+                                   else [c.annotation]):
                     find_paired(args.data, c.split, annotation)
             except LayoutError as e:
                 if args.protocol != "all":
@@ -674,7 +793,8 @@ def main(argv=None):
                 print(f"skipping {protocol}: {e}", file=sys.stderr)
                 continue
             video = protocol == "video"
-            if video not in extractors:  # each feature network is loaded once, and only when its task runs
+            # each feature network is loaded once, and only when its task runs
+            if video not in extractors:
                 weights = args.i3d_weights if video else args.inception_weights
                 extractors[video] = make_extractor(args.features, video, device, weights)
             c = replace(c, **{"video_extractor" if video else "image_extractor": extractors[video]})
@@ -685,7 +805,8 @@ def main(argv=None):
         sys.exit(f"evaluate.py: error: {e}")
     model_path = Path(args.model)
     name = args.name or (model_path.parent.name if model_path.is_file() else model_path.name)
-    print(write_results(results, args.out, name) + f"wrote {args.out}/tables.md, results.json and grids")
+    print(write_results(results, args.out, name)
+          + f"wrote {args.out}/tables.md, results.json and grids")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,27 @@
 """
-Stage 2 of LVM-Lite (paper 2.3): fine-tune a stage-1 model on 16-image sequences (4096 tokens) drawn from a
-weighted mixture of natural sequences (16 video frames), discriminative ones (8 "image, annotation" pairs) and
-generative ones (8 "annotation, image" pairs). Table 8's fine-tuning values are the defaults; the training loop is
-pretrain.train, so every setting of pretrain.py works here too.
+Stage 2 of LVM-Lite (paper 2.3): fine-tune a stage-1 model on 16-image sequences (4096 tokens) drawn
+from a weighted mixture of natural sequences (16 video frames), discriminative ones
+(8 "image, annotation" pairs) and generative ones (8 "annotation, image" pairs). Table 8's
+fine-tuning values are the defaults; the training loop is pretrain.train, so every setting of
+pretrain.py works here too.
 
-    python finetune.py --init_from=out/pretrain --data=data/video/train,data/pairs/train --val_data=...
-    python finetune.py --init_from=LVM_ckpts/7b --data=...        # or start from a Hugging Face LLaMA directory
-    torchrun --standalone --nproc_per_node=8 finetune.py --init_from=out/pretrain --data=... --parallel=fsdp
-    T=data/toy_tokens; python finetune.py --stage=finetune-toy --init_from=out/toy-pretrain --device=cpu \\
-        --data=$T/train_video,$T/train_segmentation,$T/train_edges,$T/train_depth \\
-        --val_data=$T/val_video,$T/val_segmentation,$T/val_edges,$T/val_depth --out_dir=out/toy-finetune
+    python finetune.py --init_from=out/pretrain --data=data/video/train,data/pairs/train \\
+        --val_data=...
+    # or start from a Hugging Face LLaMA directory
+    python finetune.py --init_from=LVM_ckpts/7b --data=...
+    torchrun --standalone --nproc_per_node=8 finetune.py --init_from=out/pretrain --data=... \\
+        --parallel=fsdp
+    T=data/toy_tokens; python finetune.py --stage=finetune-toy --init_from=out/toy-pretrain \\
+        --device=cpu --data=$T/train_video,$T/train_segmentation,$T/train_edges,$T/train_depth \\
+        --val_data=$T/val_video,$T/val_segmentation,$T/val_edges,$T/val_depth \\
+        --out_dir=out/toy-finetune
 
 --mix picks the kinds of sequences and their weights. The rows of Table 5:
     --mix=natural:1      --mix=generative:1      --mix=discriminative:1      --mix=random:1
     --mix=natural:1,generative:1      --mix=natural:1,generative:1,discriminative:1 (the default)
     --mix=natural:1,generative:1,discriminative:1,random:1
-Each kind reads the --data files whose kind fits it (natural <- video, discriminative and generative <- pairs,
-random <- images), choosing among them in proportion to their size.
+Each kind reads the --data files whose kind fits it (natural <- video, discriminative and generative
+<- pairs, random <- images), choosing among them in proportion to their size.
 """
 import sys
 from pathlib import Path
@@ -33,15 +38,22 @@ from pretrain import TrainingError
 
 SETTINGS = {
     **pretrain.SETTINGS,
-    "size": ("", "model size (configs.MODEL_SIZES); default: that of --init_from, which it must match if given"),
-    "stage": ("finetune", "optimisation defaults: a key of configs.STAGES (Table 8), e.g. finetune-toy"),
-    "data": ("", "sequence token files (tokenize_data.py: video, pairs, images), comma-separated path prefixes"),
-    "out_dir": ("out/finetune", "checkpoint, metrics.jsonl, sample grids and the final Hugging Face export"),
-    "init_from": ("", "stage-1 weights: pretrain.py's ckpt.pt (or its out_dir) or a Hugging Face LLaMA directory"),
-    "mix": ("natural:1,generative:1,discriminative:1", "sequence kinds and their weights, e.g. natural:2,random:1"),
+    "size": ("", "model size (configs.MODEL_SIZES); default: that of --init_from, which it must "
+                 "match if given"),
+    "stage": ("finetune",
+              "optimisation defaults: a key of configs.STAGES (Table 8), e.g. finetune-toy"),
+    "data": ("", "sequence token files (tokenize_data.py: video, pairs, images), comma-separated "
+                 "path prefixes"),
+    "out_dir": ("out/finetune",
+                "checkpoint, metrics.jsonl, sample grids and the final Hugging Face export"),
+    "init_from": ("", "stage-1 weights: pretrain.py's ckpt.pt (or its out_dir) or a Hugging Face "
+                      "LLaMA directory"),
+    "mix": ("natural:1,generative:1,discriminative:1",
+            "sequence kinds and their weights, e.g. natural:2,random:1"),
 }
 
-SOURCES = {"natural": ("video",), "discriminative": ("pairs",), "generative": ("pairs",), "random": ("images",)}
+SOURCES = {"natural": ("video",), "discriminative": ("pairs",), "generative": ("pairs",),
+           "random": ("images",)}
 
 
 def parse_mix(text):
@@ -58,22 +70,25 @@ def parse_mix(text):
         if mix[kind] < 0:
             raise TrainingError(f"--mix: weight of {kind} is negative")
     if sum(mix.values()) <= 0:
-        raise TrainingError(f"--mix={text} selects nothing: give at least one kind a positive weight")
+        raise TrainingError(f"--mix={text} selects nothing: give at least one kind a "
+                            "positive weight")
     return {kind: w for kind, w in mix.items() if w > 0}
 
 
 def sequence_mixture(datasets, mix, images_per_seq, seed, flag="--data"):
-    """Stage 2 batches: sequence i is built by a generator seeded with (seed, i), which draws its kind from the
-    mixture, then a dataset of that kind, then the sequence (data.py's builders). Sequence i is the same
-    whichever rank builds it and whenever, so ranks never share a sequence and a resumed run continues exactly."""
+    """Stage 2 batches: sequence i is built by a generator seeded with (seed, i), which draws its
+    kind from the mixture, then a dataset of that kind, then the sequence (data.py's builders).
+    Sequence i is the same whichever rank builds it and whenever, so ranks never share a sequence
+    and a resumed run continues exactly."""
     kinds = list(mix)
     weights = np.array([mix[k] for k in kinds]) / sum(mix.values())
     sources = {}
     for kind in kinds:
         fitting = [d for d in datasets if d.meta.get("kind") in SOURCES[kind]]
         if not fitting:
-            raise TrainingError(f"--mix asks for {kind} sequences, but no file of {flag} is of kind "
-                                f"{' or '.join(SOURCES[kind])}: add one, or drop {kind} from --mix")
+            raise TrainingError(f"--mix asks for {kind} sequences, but no file of {flag} "
+                                f"is of kind {' or '.join(SOURCES[kind])}: add one, "
+                                f"or drop {kind} from --mix")
         sizes = np.array([len(d.tokens) for d in fitting], dtype=np.float64)
         sources[kind] = (fitting, sizes / sizes.sum())
     if images_per_seq % 2 and ({"discriminative", "generative"} & set(kinds)):
@@ -96,20 +111,23 @@ def sequence_mixture(datasets, mix, images_per_seq, seed, flag="--data"):
     return get
 
 
-IN_CONTEXT_PAIRS = (0, 1, 2, 4, 7)  # prompt pairs before an answer, as in the evaluation's in-context curve
+# prompt pairs before an answer, as in the evaluation's in-context curve
+IN_CONTEXT_PAIRS = (0, 1, 2, 4, 7)
 
 
 def in_context_probe(datasets, seed, num_sequences=16):
-    """probe(model) -> {annotation: {pairs: %}}: for held-out pairs of each pairs file, the share of answer tokens
-    the model gets right when it writes the answer itself (greedy) after 0, 1, 2, 4 or 7 example pairs and the
-    query image. Logged at every evaluation, it shows in-context learning appear: with no example the answer is a
-    guess among the tasks; after one, the model knows which mapping to apply."""
+    """probe(model) -> {annotation: {pairs: %}}: for held-out pairs of each pairs file, the share of
+    answer tokens the model gets right when it writes the answer itself (greedy) after 0, 1, 2, 4 or
+    7 example pairs and the query image. Logged at every evaluation, it shows in-context learning
+    appear: with no example the answer is a guess among the tasks; after one, the model knows which
+    mapping to apply."""
     from sample import generate
     rng, probes = np.random.default_rng([seed, 2]), {}
     for data in (d for d in datasets if d.meta.get("kind") == "pairs"):
         name = data.meta.get("annotation") or "pairs"
-        probes[name] = (torch.from_numpy(np.stack([discriminative_sequence(data, rng, max(IN_CONTEXT_PAIRS) + 1)
-                                                   for _ in range(num_sequences)])), data.meta.get("vocab_size"))
+        probes[name] = (torch.from_numpy(np.stack([
+            discriminative_sequence(data, rng, max(IN_CONTEXT_PAIRS) + 1)
+            for _ in range(num_sequences)])), data.meta.get("vocab_size"))
     if not probes:
         return None
 
@@ -118,26 +136,32 @@ def in_context_probe(datasets, seed, num_sequences=16):
         for name, (seqs, codebook) in probes.items():
             S = seqs.shape[1] // (2 * max(IN_CONTEXT_PAIRS) + 2)
             seqs, out[name] = seqs.to(model.output.weight.device), {}
-            for k in IN_CONTEXT_PAIRS:  # prompt: pairs 0..k-1 and the image of pair k; answer: its annotation
-                answer = generate(model, seqs[:, :(2 * k + 1) * S], S, temperature=0, codebook_size=codebook)[:, -S:]
-                out[name][str(k)] = 100 * (answer == seqs[:, (2 * k + 1) * S:(2 * k + 2) * S]).float().mean().item()
+            # prompt: pairs 0..k-1 and the image of pair k; answer: its annotation
+            for k in IN_CONTEXT_PAIRS:
+                answer = generate(model, seqs[:, :(2 * k + 1) * S], S, temperature=0,
+                                  codebook_size=codebook)[:, -S:]
+                out[name][str(k)] = (100 * (answer == seqs[:, (2 * k + 1) * S:(2 * k + 2) * S])
+                                     .float().mean().item())
         return out
 
     return probe
 
 
 def load_stage1(path, size=""):
-    """(ModelArgs, state_dict) to start from: pretrain.py's checkpoint (weights only; optimizer and step start
-    afresh) or a Hugging Face LLaMA directory (LVM's released 7B, DeLVM's models)."""
+    """(ModelArgs, state_dict) to start from: pretrain.py's checkpoint (weights only; optimizer and
+    step start afresh) or a Hugging Face LLaMA directory (LVM's released 7B, DeLVM's models)."""
     if not path:
-        raise TrainingError("stage 2 starts from stage-1 weights: pass --init_from=out/pretrain (a ckpt.pt of "
-                            "pretrain.py, or its directory) or a Hugging Face LLaMA directory")
+        raise TrainingError("stage 2 starts from stage-1 weights: pass --init_from=out/pretrain "
+                            "(a ckpt.pt of pretrain.py, or its directory) "
+                            "or a Hugging Face LLaMA directory")
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists():
         try:
-            model = load_hf(path, dtype=torch.float32)  # train in float32 whatever the checkpoint's dtype
+            # train in float32 whatever the checkpoint's dtype
+            model = load_hf(path, dtype=torch.float32)
         except (OSError, ValueError, KeyError) as e:
-            raise TrainingError(f"--init_from={path}: cannot load the Hugging Face checkpoint ({e})") from e
+            raise TrainingError(f"--init_from={path}: cannot load the Hugging Face "
+                                f"checkpoint ({e})") from e
         args, state = model.args, model.state_dict()
     else:
         ckpt = pretrain.load_checkpoint(path)
@@ -152,11 +176,14 @@ def main(argv=None):
     c = pretrain.parse_config(argv, SETTINGS, __doc__)
     try:
         mix = parse_mix(c.mix)
-        init = None if c.resume else load_stage1(c.init_from, c.size)  # --resume reads out_dir/ckpt.pt instead
+        # --resume reads out_dir/ckpt.pt instead
+        init = None if c.resume else load_stage1(c.init_from, c.size)
         datasets, val = pretrain.open_train_and_val(c)
-        probe = in_context_probe(val, c.seed) if c.images_per_seq >= 2 * max(IN_CONTEXT_PAIRS) + 2 else None
+        probe = (in_context_probe(val, c.seed) if c.images_per_seq >= 2 * max(IN_CONTEXT_PAIRS) + 2
+                 else None)
         pretrain.train(c, sequence_mixture(datasets, mix, c.images_per_seq, c.seed),
-                       sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"), init, probe)
+                       sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"),
+                       init, probe)
     except TrainingError as e:
         sys.exit(f"error: {e}")
     finally:

@@ -1,10 +1,11 @@
 """
 The LVM-Lite decoder: a LLaMA-2 style transformer over VQ-GAN image tokens.
 
-Read top to bottom: ModelArgs -> RMSNorm -> rotary embeddings -> Attention (with an optional KV cache for
-generation) -> FeedForward (SwiGLU) -> TransformerBlock -> Transformer. Then the things users need around it:
-the paper's FLOP count (Table 4), the AdamW set-up (Table 8) and loading/saving Hugging Face LLaMA checkpoints
-(how LVM's released 7B model and DeLVM's models are shared).
+Read top to bottom: ModelArgs -> RMSNorm -> rotary embeddings -> Attention (with an optional KV
+cache for generation) -> FeedForward (SwiGLU) -> TransformerBlock -> Transformer. Then the things
+users need around it: the paper's FLOP count (Table 4), the AdamW set-up (Table 8) and
+loading/saving Hugging Face LLaMA checkpoints (how LVM's released 7B model and DeLVM's models are
+shared).
 
     python model.py --size 300M      # parameter count and forward TFLOPs at 256 and 4096 tokens
 """
@@ -27,7 +28,8 @@ class ModelArgs:
     n_heads: int = 8
     n_kv_heads: int | None = None  # grouped-query attention when < n_heads; None means n_heads
     hidden_dim: int = 2688  # SwiGLU MLP width (Table 7 "MLP dim")
-    vocab_size: int = 8192  # VQ-GAN codebook size (LVM's released 7B uses 8292: 8192 codes + 100 unused)
+    # VQ-GAN codebook size (LVM's released 7B uses 8292: 8192 codes + 100 unused)
+    vocab_size: int = 8192
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 4096  # longest sequence: 16 images x 256 tokens in stage 2
@@ -59,22 +61,26 @@ class RMSNorm(nn.Module):
 
 def precompute_rope(head_dim, max_seq_len, theta=10000.0, device=None):
     """Rotary position embedding tables: angle(pos, i) = pos * theta^(-2i/head_dim)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                                / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
     cos, sin = angles.cos(), angles.sin()
-    # [T, head_dim] in the "rotate half" layout of HF LLaMA; sin's first half negated for apply_rope's swap
+    # [T, head_dim] in the "rotate half" layout of HF LLaMA; sin's first half negated for
+    # apply_rope's swap
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x_i, x_{i+d/2}) by its position's angle: (a, b) -> (a cos - b sin, b cos + a sin).
-    x: [B, H, T, hd]; cos/sin: [T, hd]. Pairing i with i + d/2 (not 2i with 2i+1) lets Hugging Face LLaMA
-    weights load without permuting; rolling by d/2 swaps the halves, and sin carries the minus sign."""
+    """Rotate each pair (x_i, x_{i+d/2}) by its position's angle: (a, b) ->
+    (a cos - b sin, b cos + a sin). x: [B, H, T, hd]; cos/sin: [T, hd]. Pairing i with i + d/2
+    (not 2i with 2i+1) lets Hugging Face LLaMA weights load without permuting; rolling by d/2 swaps
+    the halves, and sin carries the minus sign."""
     return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for incremental decoding, written in place at input_pos (no reallocation)."""
+    """Preallocated keys/values for incremental decoding, written in place at input_pos
+    (no reallocation)."""
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
@@ -105,8 +111,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # attend over the whole cache, masked to the past
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves n_heads/n_kv_heads queries
+            # attend over the whole cache, masked to the past
+            k, v = self.kv_cache.update(input_pos, k, v)
+        # grouped-query attention: each kv head serves n_heads/n_kv_heads queries
+        if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         # softmax(q k^T / sqrt(d)) v with a causal mask; flash kernels on GPU
@@ -152,16 +160,19 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from the input embedding
+        # untied from the input embedding
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.init_rope()
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2 style: residual projections scaled by 1/sqrt(2 * n_layers)
+        # GPT-2 style: residual projections scaled by 1/sqrt(2 * n_layers)
+        for name, p in self.named_parameters():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=args.init_std / math.sqrt(2 * args.n_layers))
         self.causal_mask = None  # [max_cache_len, max_cache_len] bool, built by setup_cache
 
     def init_rope(self, device=None):
-        cos, sin = precompute_rope(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+        cos, sin = precompute_rope(self.args.head_dim, self.args.max_seq_len,
+                                   self.args.rope_theta, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -173,16 +184,19 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, input_pos=None):
-        """idx: [B, T] token ids. Training: positions 0..T-1, returns (logits [B, T, V], mean cross-entropy).
-        Generation: input_pos [T] gives the absolute positions of idx; keys/values go into the cache."""
+        """idx: [B, T] token ids. Training: positions 0..T-1, returns (logits [B, T, V], mean
+        cross-entropy). Generation: input_pos [T] gives the absolute positions of idx; keys/values
+        go into the cache."""
         T = idx.shape[1]
         if input_pos is None:
             if T > self.args.max_seq_len:
-                raise ValueError(f"sequence of {T} tokens is longer than max_seq_len {self.args.max_seq_len}")
+                raise ValueError(f"sequence of {T} tokens is longer than max_seq_len "
+                                 f"{self.args.max_seq_len}")
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
         else:
             if self.causal_mask is None:
-                raise RuntimeError("call model.setup_cache(batch_size, max_seq_len) before decoding with input_pos")
+                raise RuntimeError("call model.setup_cache(batch_size, max_seq_len) before "
+                                   "decoding with input_pos")
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = self.causal_mask[input_pos]  # [T, cache_len]: position p sees cache slots <= p
         x = self.tok_embeddings(idx)
@@ -197,13 +211,15 @@ class Transformer(nn.Module):
     def setup_cache(self, batch_size, max_seq_len, dtype=None, device=None):
         """Allocate the key/value cache once, for sequences of up to max_seq_len tokens."""
         if max_seq_len > self.args.max_seq_len:
-            raise ValueError(f"cache of {max_seq_len} tokens exceeds max_seq_len {self.args.max_seq_len}")
+            raise ValueError(f"cache of {max_seq_len} tokens exceeds max_seq_len "
+                             f"{self.args.max_seq_len}")
         weight = self.output.weight
         dtype, device = dtype or weight.dtype, device or weight.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads,
                                                self.args.head_dim, dtype, device)
-        self.causal_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
+        self.causal_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool,
+                                      device=device).tril()
 
     def clear_cache(self):
         for layer in self.layers:
@@ -212,8 +228,9 @@ class Transformer(nn.Module):
 
 
 def estimate_flops(args: ModelArgs, seq_len):
-    """Forward FLOPs for one sequence (Table 4's count): 2 per multiply-add in every matmul, output head
-    included, plus 4 * L^2 * d per layer for attention scores (q k^T) and their weighted sum of values."""
+    """Forward FLOPs for one sequence (Table 4's count): 2 per multiply-add in every matmul, output
+    head included, plus 4 * L^2 * d per layer for attention scores (q k^T) and their weighted sum of
+    values."""
     d, kv_dim = args.dim, args.n_kv_heads * args.head_dim
     per_layer = 2 * d * d + 2 * d * kv_dim + 3 * d * args.hidden_dim  # wq, wo, wk, wv, w1, w2, w3
     matmul_params = args.n_layers * per_layer + d * args.vocab_size
@@ -221,7 +238,8 @@ def estimate_flops(args: ModelArgs, seq_len):
 
 
 def learning_rate(step, lr, min_lr, warmup_steps, decay_steps):
-    """Table 8: linear warm-up to lr over warmup_steps, then cosine decay to min_lr at decay_steps (held after)."""
+    """Table 8: linear warm-up to lr over warmup_steps, then cosine decay to min_lr at decay_steps
+    (held after)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
@@ -229,7 +247,8 @@ def learning_rate(step, lr, min_lr, warmup_steps, decay_steps):
 
 
 def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
-    """Table 8: AdamW (0.9, 0.95), weight decay 0.1 on matrices and embeddings, none on RMSNorm gains."""
+    """Table 8: AdamW (0.9, 0.95), weight decay 0.1 on matrices and embeddings, none on RMSNorm
+    gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -237,10 +256,11 @@ def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_t
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Hugging Face LlamaForCausalLM checkpoints (LVM's 7B, DeLVM's 300M/1B): same weights, other names.
 
-HF_NAMES = [  # (Hugging Face name, our name); "{}" is the layer index. HF gate/up/down = our w1/w3/w2
+# (Hugging Face name, our name); "{}" is the layer index. HF gate/up/down = our w1/w3/w2
+HF_NAMES = [
     ("model.embed_tokens.weight", "tok_embeddings.weight"),
     ("model.layers.{}.self_attn.q_proj.weight", "layers.{}.attention.wq.weight"),
     ("model.layers.{}.self_attn.k_proj.weight", "layers.{}.attention.wk.weight"),
@@ -257,7 +277,8 @@ HF_NAMES = [  # (Hugging Face name, our name); "{}" is the layer index. HF gate/
 
 
 def rename(name, to_hf=False):
-    """Map a tensor name between the two layouts; None for names with no counterpart (HF's rotary buffers)."""
+    """Map a tensor name between the two layouts; None for names with no counterpart
+    (HF's rotary buffers)."""
     for hf, ours in HF_NAMES:
         source, target = (ours, hf) if to_hf else (hf, ours)
         m = re.fullmatch(re.escape(source).replace(r"\{\}", r"(\d+)"), name)
@@ -269,30 +290,35 @@ def rename(name, to_hf=False):
 def _args_from_hf_config(cfg):
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"rope scaling {rope} is not supported; only plain RoPE LLaMA checkpoints load")
+        raise ValueError(f"rope scaling {rope} is not supported; only plain RoPE LLaMA "
+                         "checkpoints load")
     n_heads = cfg["num_attention_heads"]
     if cfg.get("head_dim", cfg["hidden_size"] // n_heads) != cfg["hidden_size"] // n_heads:
         raise ValueError("head_dim != hidden_size / num_attention_heads is not supported")
     return ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                     n_kv_heads=cfg.get("num_key_value_heads") or n_heads, hidden_dim=cfg["intermediate_size"],
-                     vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                     n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                     hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
                      rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
                      max_seq_len=cfg.get("max_position_embeddings", 4096))
 
 
 def _read_hf_tensors(path):
-    """Yield (name, tensor) from a HF checkpoint dir: safetensors (single or sharded) or pytorch_model.bin."""
+    """Yield (name, tensor) from a HF checkpoint dir: safetensors (single or sharded) or
+    pytorch_model.bin."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if os.path.exists(os.path.join(path, index_name)):
             with open(os.path.join(path, index_name)) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
             break
     else:
-        files = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, n))][:1]
+        files = [n for n in ("model.safetensors", "pytorch_model.bin")
+                 if os.path.exists(os.path.join(path, n))][:1]
     if not files:
-        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or shard index in {path}; "
-                                "download the whole checkpoint directory (e.g. `huggingface-cli download "
-                                "Emma02/LVM_ckpts --local-dir DIR`) and pass DIR")
+        raise FileNotFoundError("no model.safetensors, pytorch_model.bin or shard index "
+                                f"in {path}; download the whole checkpoint directory (e.g. "
+                                "`huggingface-cli download Emma02/LVM_ckpts --local-dir DIR`) "
+                                "and pass DIR")
     for file in files:
         full = os.path.join(path, file)
         if file.endswith(".safetensors"):
@@ -303,10 +329,12 @@ def _read_hf_tensors(path):
 
 
 def load_hf(path, dtype=None, device="cpu"):
-    """Build a Transformer from a Hugging Face LlamaForCausalLM directory (config.json + weights)."""
+    """Build a Transformer from a Hugging Face LlamaForCausalLM directory (config.json +
+    weights)."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: pass a Hugging Face LLaMA checkpoint directory")
+        raise FileNotFoundError(f"{config_path} not found: pass a Hugging Face LLaMA "
+                                "checkpoint directory")
     with open(config_path) as f:
         cfg = json.load(f)
     args = _args_from_hf_config(cfg)
@@ -321,7 +349,8 @@ def load_hf(path, dtype=None, device="cpu"):
         state["output.weight"] = state["tok_embeddings.weight"]
     missing = set(model.state_dict()) - set(state)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. "
+                         f"{sorted(missing)[:3]}")
     model.load_state_dict(state, strict=True, assign=True)
     model.init_rope(device)
     return model.eval()
@@ -336,11 +365,12 @@ def save_hf(model, path, dtype=None, max_shard_bytes=5 * 2**30):
                for k, v in model.state_dict().items()}
     dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
-              "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
-              "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps,
-              "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
-              "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype_name,
-              "initializer_range": a.init_std}
+              "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
+              "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+              "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+              "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
+              "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+              "torch_dtype": dtype_name, "initializer_range": a.init_std}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     shards, size = [{}], 0  # split into files of at most max_shard_bytes, as HF does for big models
@@ -365,8 +395,10 @@ def save_hf(model, path, dtype=None, max_shard_bytes=5 * 2**30):
 
 def main():
     from configs import MODEL_SIZES, TABLE4_TFLOPS, TABLE7_PARAMS_M
-    parser = argparse.ArgumentParser(description="Print a model size's parameter count and forward FLOPs.")
-    parser.add_argument("--size", default="300M", choices=sorted(MODEL_SIZES), help="a config in configs/")
+    parser = argparse.ArgumentParser(description="Print a model size's parameter count and "
+                                                 "forward FLOPs.")
+    parser.add_argument("--size", default="300M", choices=sorted(MODEL_SIZES),
+                        help="a config in configs/")
     size = parser.parse_args().size
     args = ModelArgs(**MODEL_SIZES[size])
     with torch.device("meta"):

@@ -1,17 +1,21 @@
 """
 The whole LVM-Lite method on the toy world, one command:
 
-    toy world -> VQ-GAN -> tokens -> stage 1 (single images) -> stage 2 (sequences) -> in-context evaluation
+    toy world -> VQ-GAN -> tokens -> stage 1 (single images) -> stage 2 (sequences)
+        -> in-context evaluation
 
-    python run_toy.py               # 7-15 minutes on a 2-core CPU; on a GPU if there is one (a larger profile)
+    python run_toy.py               # 7-15 minutes on a 2-core CPU; on a GPU if there is one
+                                    # (a larger profile)
     python run_toy.py --quick       # a few minutes: the same pipeline, tiny budgets (what CI runs)
-    python run_toy.py --ablation pretrain   # Table 4 in miniature: single-image vs random-sequence stage 1
+    python run_toy.py --ablation pretrain   # Table 4 in miniature: single-image vs random-sequence
+                                            # stage 1
     python run_toy.py --ablation finetune   # Table 5 in miniature: fine-tuning mixtures
 
-Each step runs the project's own script (printed before it starts) and leaves a `.done` marker in its folder, so
-an interrupted run, started again with the same command, skips what is finished and resumes the step it was in
-(the training scripts resume from their checkpoints). Everything goes to --out (default out/toy, out/toy-quick or
-out/toy-gpu). Results: OUT/results.md (the tables) and OUT/results.json; pictures: OUT/eval_*/*.png.
+Each step runs the project's own script (printed before it starts) and leaves a `.done` marker in
+its folder, so an interrupted run, started again with the same command, skips what is finished and
+resumes the step it was in (the training scripts resume from their checkpoints). Everything goes to
+--out (default out/toy, out/toy-quick or out/toy-gpu). Results: OUT/results.md (the tables) and
+OUT/results.json; pictures: OUT/eval_*/*.png.
 """
 import argparse
 import json
@@ -28,27 +32,35 @@ import evaluate
 import vqgan
 from sample import load_model
 
-# Budgets in steps, not minutes, so runs are repeatable. "cpu" fits 15 minutes on the slower 2-core machines
-# (about 7 on the faster ones); "gpu" is meant for 10 minutes on one H100.
+# Budgets in steps, not minutes, so runs are repeatable. "cpu" fits 15 minutes on the slower 2-core
+# machines (about 7 on the faster ones); "gpu" is meant for 10 minutes on one H100.
 PROFILES = {
     "cpu": dict(device="cpu", size="tiny",
-                world=dict(num_images=10000, num_val_images=200, num_videos=1000, num_val_videos=100, frames=20),
-                vqgan=dict(max_steps=200, batch_size=16), stage1=dict(max_steps=200, batch_size=128),
+                world=dict(num_images=10000, num_val_images=200, num_videos=1000,
+                           num_val_videos=100, frames=20),
+                vqgan=dict(max_steps=200, batch_size=16),
+                stage1=dict(max_steps=200, batch_size=128),
                 stage2=dict(max_steps=1500, batch_size=8), mix="natural:4,discriminative:2",
                 queries=96, videos=100, ablation_stage2_steps=600, num_samples=8),
     "gpu": dict(device="cuda", size="small",
-                world=dict(num_images=40000, num_val_images=200, num_videos=4000, num_val_videos=100, frames=20),
-                vqgan=dict(max_steps=400, batch_size=64), stage1=dict(max_steps=1000, batch_size=512, lr=1e-3),
-                stage2=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4), mix="natural:4,discriminative:2",
+                world=dict(num_images=40000, num_val_images=200, num_videos=4000,
+                           num_val_videos=100, frames=20),
+                vqgan=dict(max_steps=400, batch_size=64),
+                stage1=dict(max_steps=1000, batch_size=512, lr=1e-3),
+                stage2=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4),
+                mix="natural:4,discriminative:2",
                 queries=192, videos=100, ablation_stage2_steps=1000, num_samples=8),
     "quick": dict(device="cpu", size="tiny",
-                  world=dict(num_images=300, num_val_images=40, num_videos=20, num_val_videos=6, frames=20),
+                  world=dict(num_images=300, num_val_images=40, num_videos=20,
+                             num_val_videos=6, frames=20),
                   vqgan=dict(max_steps=20, batch_size=16), stage1=dict(max_steps=30, batch_size=32),
                   stage2=dict(max_steps=20, batch_size=8), mix="natural:4,discriminative:2",
                   queries=4, videos=4, ablation_stage2_steps=10, num_samples=2),
 }
-# Table 5's rows: which sequence kinds stage 2 mixes, with what weights ("natural+discriminative" is the recipe)
-MIXTURES = {"natural": "natural:1", "generative": "generative:1", "discriminative": "discriminative:1",
+# Table 5's rows: which sequence kinds stage 2 mixes, with what weights
+# ("natural+discriminative" is the recipe)
+MIXTURES = {"natural": "natural:1", "generative": "generative:1",
+            "discriminative": "discriminative:1",
             "natural+discriminative": "natural:4,discriminative:2",
             "natural+generative+discriminative": "natural:4,generative:1,discriminative:2",
             "all + random": "natural:4,generative:1,discriminative:2,random:1"}
@@ -56,7 +68,8 @@ ANNOTATIONS = ("segmentation", "edges", "depth")  # the toy world's tasks, all i
 
 
 def run(cmd, done_dir, resumable=None):
-    """Run one step unless done_dir/.done says it finished; resume its own checkpoint if it was interrupted."""
+    """Run one step unless done_dir/.done says it finished; resume its own checkpoint if it was
+    interrupted."""
     done = Path(done_dir) / ".done"
     if done.exists():
         print(f"[run_toy] done already: {done_dir}")
@@ -74,29 +87,36 @@ def flags(settings):
     return [f"--{k}={v}" for k, v in settings.items()]
 
 
-def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_tag="", stage2_steps=None):
-    """Toy world, tokenizer, tokens (shared by every variant), then stage 1 and stage 2 of one variant."""
+def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_tag="",
+                 stage2_steps=None):
+    """Toy world, tokenizer, tokens (shared by every variant), then stage 1 and stage 2 of one
+    variant."""
     py, world, vq, tok = sys.executable, out / "world", out / "vqgan", out / "tokens"
-    run([py, "toyworld.py", "--out", str(world), "--seed", "0"] + flags(p["world"]), world)  # redone if cut
-    # a patch codec, started from PCA and k-means of the patches: a few hundred steps of fine-tuning suffice
-    run([py, "vqgan.py", "--data", str(world / "train"), "--val_data", str(world / "val"), "--config", "toy",
-         "--out_dir", str(vq), "--rec_loss=l2", "--lr=1e-3", "--restart_every=0", "--warmup_steps=20",
-         f"--device={p['device']}"] + flags(p["vqgan"]), vq, vq / "training_state.pt")
-    run([py, "tokenize_data.py", "toyworld", "--root", str(world), "--vqgan", str(vq), "--out", str(tok),
-         "--device", p["device"]], tok)
-    common = [f"--size={p['size']}", f"--device={p['device']}", f"--vqgan={vq}", "--log_interval=50",
-              f"--num_samples={p['num_samples']}"]
+    # redone if cut
+    run([py, "toyworld.py", "--out", str(world), "--seed", "0"] + flags(p["world"]), world)
+    # a patch codec, started from PCA and k-means of the patches: a few hundred steps of
+    # fine-tuning suffice
+    run([py, "vqgan.py", "--data", str(world / "train"), "--val_data", str(world / "val"),
+         "--config", "toy", "--out_dir", str(vq), "--rec_loss=l2", "--lr=1e-3", "--restart_every=0",
+         "--warmup_steps=20", f"--device={p['device']}"] + flags(p["vqgan"]),
+        vq, vq / "training_state.pt")
+    run([py, "tokenize_data.py", "toyworld", "--root", str(world), "--vqgan", str(vq),
+         "--out", str(tok), "--device", p["device"]], tok)
+    common = [f"--size={p['size']}", f"--device={p['device']}", f"--vqgan={vq}",
+              "--log_interval=50", f"--num_samples={p['num_samples']}"]
     s1, s2 = out / f"stage1{stage1_tag}", out / f"stage2{stage2_tag}"
-    stage1, stage2 = dict(p["stage1"]), {**p["stage2"], "max_steps": stage2_steps or p["stage2"]["max_steps"]}
-    # stage 1: single images of 16 tokens (the paper), or for Table 4's baseline random 16-image sequences with
-    # as many tokens per step (16x fewer sequences)
+    stage1, stage2 = (dict(p["stage1"]),
+                      {**p["stage2"], "max_steps": stage2_steps or p["stage2"]["max_steps"]})
+    # stage 1: single images of 16 tokens (the paper), or for Table 4's baseline random 16-image
+    # sequences with as many tokens per step (16x fewer sequences)
     per_seq = 16 if random_stage1 else 1
     stage1["batch_size"] = max(1, stage1["batch_size"] // per_seq)
-    run([py, "pretrain.py", "--stage=pretrain-toy", f"--images_per_seq={per_seq}", f"--data={tok}/train_images",
-         f"--val_data={tok}/val_images", f"--out_dir={s1}", f"--eval_interval={stage1['max_steps']}",
-         f"--micro_batch_size={stage1['batch_size']}"] + flags(stage1) + common, s1, s1 / "ckpt.pt")
-    # stage 2 on videos and the three annotation tasks of the same images (pairs); the single images serve only
-    # Table 5's random sequences (each kind draws from files of its own kind)
+    run([py, "pretrain.py", "--stage=pretrain-toy", f"--images_per_seq={per_seq}",
+         f"--data={tok}/train_images", f"--val_data={tok}/val_images", f"--out_dir={s1}",
+         f"--eval_interval={stage1['max_steps']}", f"--micro_batch_size={stage1['batch_size']}"]
+        + flags(stage1) + common, s1, s1 / "ckpt.pt")
+    # stage 2 on videos and the three annotation tasks of the same images (pairs); the single images
+    # serve only Table 5's random sequences (each kind draws from files of its own kind)
     names = ("video",) + ANNOTATIONS + ("images",)
     seq_data = ",".join(f"{tok}/train_{n}" for n in names)
     val_data = ",".join(f"{tok}/val_{n}" for n in names)
@@ -109,8 +129,8 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
 
 
 def evaluate_models(out, models, p, in_context=("stage 1 + stage 2 (LVM-Lite)",)):
-    """The paper's protocols (evaluate.py) on the held-out split, for each model; the task and curve checks for
-    the models named in in_context. Returns {name: results}."""
+    """The paper's protocols (evaluate.py) on the held-out split, for each model; the task and curve
+    checks for the models named in in_context. Returns {name: results}."""
     device = torch.device(p["device"])
     vq = vqgan.load_pretrained(out / "vqgan", device)
     results = {}
@@ -141,24 +161,33 @@ def summary_rows(results):
         seq_loss = [m["loss"] for pr in r["perplexity"].values() for kind, m in pr["model"].items()
                     if kind in ("natural", "discriminative")]
         video = r["video"]["model"]
-        rows.append(dict(model=name, seg_miou=r["segmentation"]["model"]["miou"], video_psnr=video["psnr"],
-                         video_first=video["psnr_per_frame"][0], gen_psnr=r["generation"]["model"]["psnr"],
-                         gen_fid=r["generation"]["model"]["fid"], seq_loss=sum(seq_loss) / len(seq_loss)))
+        rows.append(dict(model=name, seg_miou=r["segmentation"]["model"]["miou"],
+                         video_psnr=video["psnr"], video_first=video["psnr_per_frame"][0],
+                         gen_psnr=r["generation"]["model"]["psnr"],
+                         gen_fid=r["generation"]["model"]["fid"],
+                         seq_loss=sum(seq_loss) / len(seq_loss)))
     first = next(iter(results.values()))
     rows.append(dict(model="VQ-GAN round trip of the truth (upper bound)",
-                     seg_miou=first["segmentation"]["gt_rec"]["miou"], video_psnr=first["video"]["gt_rec"]["psnr"],
-                     gen_psnr=first["generation"]["gt_rec"]["psnr"], gen_fid=first["generation"]["gt_rec"]["fid"]))
+                     seg_miou=first["segmentation"]["gt_rec"]["miou"],
+                     video_psnr=first["video"]["gt_rec"]["psnr"],
+                     gen_psnr=first["generation"]["gt_rec"]["psnr"],
+                     gen_fid=first["generation"]["gt_rec"]["fid"]))
     last = first["video"]["repeat_last"]
-    rows.append(dict(model="repeat the last prompt frame", video_psnr=last["psnr"], video_first=last["psnr_per_frame"][0]))
-    rows.append(dict(model="background everywhere (class 0)", seg_miou=first["segmentation"]["first_class"]["miou"]))
+    rows.append(dict(model="repeat the last prompt frame", video_psnr=last["psnr"],
+                     video_first=last["psnr_per_frame"][0]))
+    rows.append(dict(model="background everywhere (class 0)",
+                     seg_miou=first["segmentation"]["first_class"]["miou"]))
     return rows
 
 
 def markdown(rows, title):
-    cols = [("seg_miou", "segmentation mIoU (%) ↑", 1), ("video_psnr", "video PSNR, 11 frames (dB) ↑", 2),
-            ("video_first", "video PSNR, 1st frame (dB) ↑", 2), ("gen_psnr", "seg.→image PSNR (dB) ↑", 2),
-            ("gen_fid", "seg.→image FID* ↓", 1), ("seq_loss", "held-out sequence loss ↓", 3)]
-    lines = [f"### {title}", "", "| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cols = [("seg_miou", "segmentation mIoU (%) ↑", 1),
+            ("video_psnr", "video PSNR, 11 frames (dB) ↑", 2),
+            ("video_first", "video PSNR, 1st frame (dB) ↑", 2),
+            ("gen_psnr", "seg.→image PSNR (dB) ↑", 2), ("gen_fid", "seg.→image FID* ↓", 1),
+            ("seq_loss", "held-out sequence loss ↓", 3)]
+    lines = [f"### {title}", "", "| model | " + " | ".join(c[1] for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         cells = [f"{r[k]:.{d}f}" if r.get(k) is not None else "-" for k, _, d in cols]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
@@ -172,10 +201,14 @@ def pick_profile(a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny budgets: a few minutes (CI); the same as --profile quick")
-    ap.add_argument("--profile", choices=list(PROFILES), help="budgets (default: gpu if there is one, else cpu)")
-    ap.add_argument("--ablation", choices=["pretrain", "finetune"], help="Table 4 or Table 5 in miniature")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny budgets: a few minutes (CI); the same as --profile quick")
+    ap.add_argument("--profile", choices=list(PROFILES),
+                    help="budgets (default: gpu if there is one, else cpu)")
+    ap.add_argument("--ablation", choices=["pretrain", "finetune"],
+                    help="Table 4 or Table 5 in miniature")
     ap.add_argument("--out", help="output folder (default out/toy, out/toy-quick or out/toy-gpu)")
     a = ap.parse_args()
     profile = pick_profile(a)
@@ -185,21 +218,29 @@ def main():
     out = Path(a.out or {"cpu": "out/toy", "quick": "out/toy-quick", "gpu": "out/toy-gpu"}[profile])
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if a.ablation == "pretrain":  # both stage-1 variants see the same number of tokens, then the same stage 2
+    # both stage-1 variants see the same number of tokens, then the same stage 2
+    if a.ablation == "pretrain":
         steps = p["ablation_stage2_steps"]
-        models = {"single-image stage 1": train_models(out, p, stage2_tag="-ab-nat-disc", stage2_steps=steps)[1],
-                  "random-sequence stage 1": train_models(out, p, random_stage1=True, stage1_tag="-randseq",
-                                                          stage2_tag="-randseq", stage2_steps=steps)[1]}
-        title = "Table 4 in miniature: stage 1 on single images vs on random 16-image sequences (same tokens)"
+        models = {
+            "single-image stage 1": train_models(out, p, stage2_tag="-ab-nat-disc",
+                                                 stage2_steps=steps)[1],
+            "random-sequence stage 1": train_models(out, p, random_stage1=True,
+                                                    stage1_tag="-randseq", stage2_tag="-randseq",
+                                                    stage2_steps=steps)[1]}
+        title = ("Table 4 in miniature: stage 1 on single images vs on random 16-image sequences "
+                 "(same tokens)")
         seconds = {k: float((out / d / ".done").read_text().split()[0]) for k, d in
                    (("single", "stage1"), ("random", "stage1-randseq"))}
-        notes = (f"Stage-1 wall time: single images {seconds['single']:.0f} s, random 16-image sequences "
-                 f"{seconds['random']:.0f} s: {seconds['random'] / seconds['single']:.2f}x speedup. ")
+        notes = (f"Stage-1 wall time: single images {seconds['single']:.0f} s, "
+                 f"random 16-image sequences {seconds['random']:.0f} s: "
+                 f"{seconds['random'] / seconds['single']:.2f}x speedup. ")
     elif a.ablation == "finetune":  # Table 5: every row starts from the same stage 1
         models = {name: train_models(out, p, mix=mix, stage2_tag=f"-ab-{tag}",
                                      stage2_steps=p["ablation_stage2_steps"])[1]
-                  for (name, mix), tag in zip(MIXTURES.items(), ("nat", "gen", "disc", "nat-disc", "all", "all-rand"))}
-        title = "Table 5 in miniature: stage-2 mixtures (natural / generative / discriminative / random)"
+                  for (name, mix), tag in zip(MIXTURES.items(), ("nat", "gen", "disc", "nat-disc",
+                                                                 "all", "all-rand"))}
+        title = ("Table 5 in miniature: stage-2 mixtures "
+                 "(natural / generative / discriminative / random)")
         notes = ""
     else:
         stage1, stage2 = train_models(out, p)
@@ -211,9 +252,10 @@ def main():
     name = f"results{'-' + a.ablation if a.ablation else ''}"
     wall = time.time() - t0
     text = markdown(rows, title) + (
-        f"\n{notes}{profile} profile, wall time {wall / 60:.1f} min in this run ({train_seconds / 60:.1f} min before "
-        "evaluation; steps finished by an earlier run are not counted). *FID with a small random feature network "
-        "(toy scale): compare rows, not with the paper.\n")
+        f"\n{notes}{profile} profile, wall time {wall / 60:.1f} min in this run "
+        f"({train_seconds / 60:.1f} min before evaluation; steps finished by an earlier run are "
+        "not counted). *FID with a small random feature network (toy scale): compare rows, not "
+        "with the paper.\n")
     for model_name, r in results.items():
         for k in ("tasks", "curve"):
             if k in r:

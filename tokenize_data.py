@@ -1,26 +1,33 @@
 """
-Pre-tokenize images, videos and annotated pairs with a VQ-GAN into token files (NAME.tokens + NAME.json, the
-format data.py documents and reads; training builds its sequences from them with data.SEQUENCE_BUILDERS).
+Pre-tokenize images, videos and annotated pairs with a VQ-GAN into token files
+(NAME.tokens + NAME.json, the format data.py documents and reads; training builds its sequences from
+them with data.SEQUENCE_BUILDERS).
 
-  python tokenize_data.py images --input DIR_OR_TAR [...] --vqgan CKPT --out data/tokens --name datacomp
-  python tokenize_data.py video --input DIR_OR_VIDEO [...] --stride 2 --vqgan CKPT --out data/tokens --name ucf101
+  python tokenize_data.py images --input DIR_OR_TAR [...] --vqgan CKPT --out data/tokens \\
+      --name datacomp
+  python tokenize_data.py video --input DIR_OR_VIDEO [...] --stride 2 --vqgan CKPT \\
+      --out data/tokens --name ucf101
   python tokenize_data.py pairs --images ADEChallengeData2016/images/training --palette ade20k \\
       --annotations ADEChallengeData2016/annotations/training --vqgan CKPT --name ade20k_train
-  python tokenize_data.py pairs --images cityscapes/leftImg8bit/train --annotations cityscapes/gtFine/train \\
-      --palette cityscapes --vqgan CKPT --name cityscapes_train
-  python tokenize_data.py merge --out data/tokens --name datacomp   # after runs with --num_shards K --shard_id i
-The toy world (toyworld.py), end to end on a CPU, and a picture of its sequences decoded from the tokens:
+  python tokenize_data.py pairs --images cityscapes/leftImg8bit/train --palette cityscapes \\
+      --annotations cityscapes/gtFine/train --vqgan CKPT --name cityscapes_train
+  # after runs with --num_shards K --shard_id i
+  python tokenize_data.py merge --out data/tokens --name datacomp
+The toy world (toyworld.py), end to end on a CPU, and a picture of its sequences decoded from the
+tokens:
   python toyworld.py --out data/toyworld --seed 0
-  python vqgan.py --data data/toyworld/train --val_data data/toyworld/val --config toy --out_dir out/vqgan_toy
+  python vqgan.py --data data/toyworld/train --val_data data/toyworld/val --config toy \\
+      --out_dir out/vqgan_toy
   python tokenize_data.py toyworld --root data/toyworld --vqgan out/vqgan_toy --out data/toy_tokens
     -> data/toy_tokens/{train,val}_{images,video,segmentation,edges,depth}.{tokens,json}
   python tokenize_data.py show --data data/toy_tokens --names 'train_*' --vqgan out/vqgan_toy \\
       --out docs/toy_sequences.png
 
-Inputs: image folders (recursive; jpg png webp bmp tiff gif) and img2dataset .tar shards; video files (PyAV) and
-frame folders; image + annotation folders matched by stem, annotations as colour maps or class-index PNGs (--palette).
-An unreadable input is listed in `skipped` with its reason, never fatal. Work is committed block by block: the same
-command rerun after a kill resumes and writes the bytes of an uninterrupted run; finished files appear atomically.
+Inputs: image folders (recursive; jpg png webp bmp tiff gif) and img2dataset .tar shards; video
+files (PyAV) and frame folders; image + annotation folders matched by stem, annotations as colour
+maps or class-index PNGs (--palette). An unreadable input is listed in `skipped` with its reason,
+never fatal. Work is committed block by block: the same command rerun after a kill resumes and
+writes the bytes of an uninterrupted run; finished files appear atomically.
 """
 import argparse
 import hashlib
@@ -48,26 +55,33 @@ VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 
 
 def _ade20k_palette():
-    i = np.arange(150)  # Painter's ADE20K colours: 255 - 42 * (the base-6 digits of the class index)
+    # Painter's ADE20K colours: 255 - 42 * (the base-6 digits of the class index)
+    i = np.arange(150)
     return (255 - 42 * np.stack([i // 36, (i % 36) // 6, i % 6], 1)).astype(np.uint8)
 
 
 PALETTES = {
     "ade20k": _ade20k_palette(),
-    "cityscapes": np.array([[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
-                            [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
-                            [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100],
-                            [0, 80, 100], [0, 0, 230], [119, 11, 32]], dtype=np.uint8),  # trainId order
+    # trainId order
+    "cityscapes": np.array([[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156],
+                            [190, 153, 153], [153, 153, 153], [250, 170, 30], [220, 220, 0],
+                            [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
+                            [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100],
+                            [0, 0, 230], [119, 11, 32]], dtype=np.uint8),
     "toy": toyworld.PALETTE,
 }
-INDEX_OFFSET = {"ade20k": 1}  # value of class 0 in a class-index PNG: ADE20K stores 0 = unlabeled, class c as c + 1
-CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)  # per trainId
+# value of class 0 in a class-index PNG: ADE20K stores 0 = unlabeled, class c as c + 1
+INDEX_OFFSET = {"ade20k": 1}
+# per trainId
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 IMAGE_SUFFIXES = ("_leftImg8bit",)  # dropped from stems before matching (Cityscapes)
-ANNOTATION_SUFFIXES = ("_gtFine_labelTrainIds", "_gtFine_labelIds", "_gtFine_color")  # most preferred first
+# most preferred first
+ANNOTATION_SUFFIXES = ("_gtFine_labelTrainIds", "_gtFine_labelIds", "_gtFine_color")
 
 
 def load_palette(name_or_file):
-    """A palette by name, or a JSON file of [r, g, b] colours (a list, or {"palette": [...]} as toyworld's meta)."""
+    """A palette by name, or a JSON file of [r, g, b] colours (a list, or {"palette": [...]} as
+    toyworld's meta)."""
     if name_or_file in PALETTES:
         return PALETTES[name_or_file]
     try:
@@ -76,14 +90,17 @@ def load_palette(name_or_file):
     except (OSError, ValueError, KeyError):
         pal = np.zeros(0)
     if pal.ndim != 2 or pal.shape[1] != 3 or pal.min() < 0 or pal.max() > 255:
-        raise ValueError(f"palette {name_or_file!r} is not one of {', '.join(PALETTES)} nor a JSON list of [r, g, b]")
+        raise ValueError(f"palette {name_or_file!r} is not one of {', '.join(PALETTES)} nor a JSON "
+                         "list of [r, g, b]")
     return pal.astype(np.uint8)
 
 
 def index_lut(palette, offset=0, label_ids=None):
-    """[65536, 3] colour of each class-index value: palette[c] at offset + c (or at label_ids[c]), black elsewhere."""
+    """[65536, 3] colour of each class-index value: palette[c] at offset + c (or at label_ids[c]),
+    black elsewhere."""
     lut = np.zeros((65536, 3), np.uint8)
-    lut[list(label_ids) if label_ids is not None else slice(offset, offset + len(palette))] = palette
+    lut[list(label_ids) if label_ids is not None
+        else slice(offset, offset + len(palette))] = palette
     return lut
 
 
@@ -92,13 +109,16 @@ def index_lut(palette, offset=0, label_ids=None):
 
 
 def to_rgb(img):
-    """Any PIL mode (grayscale, 16-bit, palette, RGBA, CMYK, ...) -> RGB, transparency composited onto white."""
+    """Any PIL mode (grayscale, 16-bit, palette, RGBA, CMYK, ...) -> RGB, transparency composited
+    onto white."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         a = np.asarray(img, dtype=np.float64)
-        a = a * 255 if img.mode == "F" and a.max() <= 1 else a / 257 if a.max() > 255 else a  # 16-bit samples
+        # 16-bit samples
+        a = a * 255 if img.mode == "F" and a.max() <= 1 else a / 257 if a.max() > 255 else a
         img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)),
+                                    img.convert("RGBA"))
     return img.convert("RGB")
 
 
@@ -115,17 +135,21 @@ def fit(img, size, resample):
 def read_image(src, size):
     """uint8 [size, size, 3] from a path or file object; bilinear resize."""
     with Image.open(src) as img:
-        img.draft(None, (size, size))  # JPEG: decode at the smallest DCT scale that still covers size (fast)
+        # JPEG: decode at the smallest DCT scale that still covers size (fast)
+        img.draft(None, (size, size))
         return np.asarray(fit(to_rgb(ImageOps.exif_transpose(img)), size, Image.BILINEAR))
 
 
 def read_annotation(path, size, luts):
-    """uint8 [size, size, 3] colour map, nearest resize. With a palette (luts), single-channel PNGs are class-index
-    maps coloured through it (Cityscapes *_labelIds via the label-id table); RGB maps are used as they are."""
+    """uint8 [size, size, 3] colour map, nearest resize. With a palette (luts), single-channel PNGs
+    are class-index maps coloured through it (Cityscapes *_labelIds via the label-id table); RGB
+    maps are used as they are."""
     with Image.open(path) as img:
         if luts and img.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-            lut = luts["label_ids" if Path(path).stem.endswith("_labelIds") and "label_ids" in luts else "index"]
-            index = np.asarray(fit(img if img.mode in ("L", "P") else img.convert("I"), size, Image.NEAREST))
+            lut = luts["label_ids" if Path(path).stem.endswith("_labelIds") and "label_ids" in luts
+                       else "index"]
+            index = np.asarray(fit(img if img.mode in ("L", "P") else img.convert("I"), size,
+                                   Image.NEAREST))
             return lut[np.clip(index.astype(np.int64), 0, len(lut) - 1)]
         return np.asarray(fit(to_rgb(img), size, Image.NEAREST))
 
@@ -150,8 +174,9 @@ def read_video(path, size, stride, max_frames):
 
 
 # -----------------------------------------------------------------------------
-# inputs -> units, in a fixed order. A unit is one source of rows: ("image", path), ("tar", shard, member, offset,
-# size), ("video", path), ("frames", folder, names), ("pair", image, annotation), or ("skip", path, reason).
+# inputs -> units, in a fixed order. A unit is one source of rows: ("image", path),
+# ("tar", shard, member, offset, size), ("video", path), ("frames", folder, names),
+# ("pair", image, annotation), or ("skip", path, reason).
 
 
 class Skip(Exception):
@@ -163,7 +188,8 @@ def natural_key(s):
 
 
 def walk(path):
-    """(folder, file names) of a file, or of a folder and every folder below it, in natural order (2 < 10)."""
+    """(folder, file names) of a file, or of a folder and every folder below it, in natural order
+    (2 < 10)."""
     if not os.path.exists(path):
         raise ValueError(f"input {path!r} does not exist")
     if not os.path.isdir(path):
@@ -181,7 +207,8 @@ def _not_image(path, expected="images"):
 
 
 def list_tar(path):
-    """Image members of a plain webdataset shard, addressed by byte offset (other members are their captions)."""
+    """Image members of a plain webdataset shard, addressed by byte offset (other members are their
+    captions)."""
     units = []
     try:
         with tarfile.open(path, "r:") as tar:
@@ -189,7 +216,8 @@ def list_tar(path):
                 if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTS:
                     units.append(("tar", path, m.name, m.offset_data, m.size))
     except (tarfile.TarError, OSError) as e:
-        units.append(("skip", path, f"unreadable tar after {len(units)} images: {type(e).__name__}: {e}"))
+        units.append(("skip", path,
+                      f"unreadable tar after {len(units)} images: {type(e).__name__}: {e}"))
     return units
 
 
@@ -197,7 +225,8 @@ def list_images(inputs):
     units = []
     for f in _files(inputs):
         ext = Path(f).suffix.lower()
-        units += [("image", f)] if ext in IMAGE_EXTS else list_tar(f) if ext == ".tar" else [_not_image(f)]
+        units += ([("image", f)] if ext in IMAGE_EXTS else list_tar(f) if ext == ".tar"
+                  else [_not_image(f)])
     return units
 
 
@@ -207,13 +236,16 @@ def list_videos(inputs):
     for folder, files in (w for inp in inputs for w in walk(inp)):
         frames = [f for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
         units += [("frames", folder, frames)] if frames else []
-        for f in (os.path.join(folder, f) for f in files if Path(f).suffix.lower() not in IMAGE_EXTS):
-            units.append(("video", f) if Path(f).suffix.lower() in VIDEO_EXTS else _not_image(f, "videos or frames"))
+        for f in (os.path.join(folder, f) for f in files
+                  if Path(f).suffix.lower() not in IMAGE_EXTS):
+            units.append(("video", f) if Path(f).suffix.lower() in VIDEO_EXTS
+                         else _not_image(f, "videos or frames"))
     if any(u[0] == "video" for u in units):
         try:
             import av  # noqa: F401
         except ImportError:
-            raise ValueError("reading video files needs PyAV: `pip install av` (or give folders of frames instead)")
+            raise ValueError("reading video files needs PyAV: `pip install av` (or give folders of "
+                             "frames instead)")
     return units
 
 
@@ -265,7 +297,8 @@ def load_unit(unit, opts, luts=None):
     if kind == "video":
         return read_video(path, size, opts["stride"], opts["max_frames"])
     rows = []
-    for name in unit[2][::opts["stride"]][:opts["max_frames"]]:  # frames: one bad frame spoils the video
+    # frames: one bad frame spoils the video
+    for name in unit[2][::opts["stride"]][:opts["max_frames"]]:
         try:
             rows.append(read_image(os.path.join(path, name), size))
         except Exception as e:
@@ -296,7 +329,8 @@ class Loader:
             except Exception as e:  # never fatal: recorded with its reason
                 out = []
                 path = f"{unit[1]}:{unit[2]}" if unit[0] == "tar" else unit[1]
-                skipped.append({"path": path, "reason": str(e) if isinstance(e, Skip) else f"{type(e).__name__}: {e}"})
+                skipped.append({"path": path, "reason": str(e) if isinstance(e, Skip)
+                                else f"{type(e).__name__}: {e}"})
             rows.append(len(out))
             images += out
         s = self.opts["size"]
@@ -313,22 +347,27 @@ def load_tokenizer(vqgan_path=None, config=None, seed=0, device=None):
     import vqgan
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if vqgan_path:
-        model, identity = vqgan.load_pretrained(vqgan_path, device=device), {"path": str(vqgan_path)}
+        model, identity = (vqgan.load_pretrained(vqgan_path, device=device),
+                           {"path": str(vqgan_path)})
     elif config in vqgan.CONFIGS:
-        print(f"warning: random {config!r} VQ-GAN (for tests only): pass --vqgan CKPT for real data", file=sys.stderr)
+        print(f"warning: random {config!r} VQ-GAN (for tests only): "
+              "pass --vqgan CKPT for real data", file=sys.stderr)
         torch.manual_seed(seed)
-        model, identity = vqgan.VQGAN(vqgan.CONFIGS[config]).to(device).eval(), {"config": config, "seed": seed}
+        model, identity = (vqgan.VQGAN(vqgan.CONFIGS[config]).to(device).eval(),
+                           {"config": config, "seed": seed})
     else:
-        raise ValueError(f"pass --vqgan CKPT (a VQ-GAN checkpoint directory); --vqgan_config must be one of "
-                         f"{', '.join(vqgan.CONFIGS)}")
+        raise ValueError("pass --vqgan CKPT (a VQ-GAN checkpoint directory); --vqgan_config must "
+                         f"be one of {', '.join(vqgan.CONFIGS)}")
     if model.config["num_embeddings"] > 65536:
-        raise ValueError(f"a codebook of {model.config['num_embeddings']} codes does not fit uint16 token files")
+        raise ValueError(f"a codebook of {model.config['num_embeddings']} codes does not fit "
+                         "uint16 token files")
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     identity.update(sha256=h.hexdigest(), resolution=model.config["resolution"],
-                    num_embeddings=model.config["num_embeddings"], downsample_factor=model.downsample_factor)
+                    num_embeddings=model.config["num_embeddings"],
+                    downsample_factor=model.downsample_factor)
     return model, identity
 
 
@@ -340,11 +379,13 @@ def encode(model, pixels):
 
 
 # -----------------------------------------------------------------------------
-# a tokenize job: units -> token file, committed block by block so a killed run resumes where it stopped
+# a tokenize job: units -> token file, committed block by block so a killed run resumes where it
+# stopped
 
 BLOCK = {"images": 1024, "pairs": 512, "video": 32}  # units per commit (and per shard boundary)
 TASK = {"images": 64, "pairs": 32, "video": 1}  # units per worker task
-TEST_DELAY = float(os.environ.get("TOKENIZE_DATA_TEST_DELAY", 0))  # seconds to sleep per batch (kill tests)
+# seconds to sleep per batch (kill tests)
+TEST_DELAY = float(os.environ.get("TOKENIZE_DATA_TEST_DELAY", 0))
 
 
 def _fingerprint(*parts):
@@ -352,31 +393,35 @@ def _fingerprint(*parts):
 
 
 def _stamps(units):
-    """(size, mtime) of every input file: a file rewritten in place (a toy world drawn anew) changes the job."""
+    """(size, mtime) of every input file: a file rewritten in place (a toy world drawn anew) changes
+    the job."""
     def stamp(path):
         try:
             st = os.stat(path)
             return [st.st_size, st.st_mtime_ns]
         except OSError:
             return None
-    paths = {"image": lambda u: [u[1]], "tar": lambda u: [u[1]], "video": lambda u: [u[1]], "skip": lambda u: [],
-             "pair": lambda u: [u[1], u[2]], "frames": lambda u: [os.path.join(u[1], n) for n in u[2]]}
+    paths = {"image": lambda u: [u[1]], "tar": lambda u: [u[1]], "video": lambda u: [u[1]],
+             "skip": lambda u: [], "pair": lambda u: [u[1], u[2]],
+             "frames": lambda u: [os.path.join(u[1], n) for n in u[2]]}
     return [[stamp(p) for p in paths[u[0]](u)] for u in units]
 
 
 def _complete(prefix, fingerprint):
     """The metadata of a finished file of the same job, else None."""
     try:
-        meta, size = json.loads(Path(f"{prefix}.json").read_text()), os.path.getsize(f"{prefix}.tokens")
+        meta, size = (json.loads(Path(f"{prefix}.json").read_text()),
+                      os.path.getsize(f"{prefix}.tokens"))
     except (OSError, ValueError):
         return None
-    ok = meta.get("fingerprint") == fingerprint and size == 2 * meta["num_images"] * meta["tokens_per_image"]
+    ok = (meta.get("fingerprint") == fingerprint
+          and size == 2 * meta["num_images"] * meta["tokens_per_image"])
     return meta if ok else None
 
 
 def _read_progress(path, fingerprint):
-    """Committed block records of an interrupted run of the same job ([] if none). A last line cut by the kill
-    (no newline, or not JSON) was never committed."""
+    """Committed block records of an interrupted run of the same job ([] if none). A last line cut
+    by the kill (no newline, or not JSON) was never committed."""
     records = []
     for line in (Path(path).read_text().split("\n")[:-1] if Path(path).exists() else []):
         try:
@@ -388,7 +433,8 @@ def _read_progress(path, fingerprint):
 
 def _finish(prefix, meta, rows, groups, skipped):
     """Write NAME.json, then move NAME.tokens.partial into place: each step atomic."""
-    meta = dict(meta, num_images=rows, groups=groups if meta["kind"] == "video" else [[0, rows]] if rows else [],
+    meta = dict(meta, num_images=rows,
+                groups=groups if meta["kind"] == "video" else [[0, rows]] if rows else [],
                 skipped=skipped)
     Path(f"{prefix}.json.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(f"{prefix}.json.tmp", f"{prefix}.json")
@@ -396,20 +442,23 @@ def _finish(prefix, meta, rows, groups, skipped):
     return meta
 
 
-def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_size=128, num_workers=2,
-             num_shards=1, shard_id=0, block=None):
-    """Tokenize `units` (or this shard's share of them) into OUT/NAME.tokens + .json; returns the metadata."""
+def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_size=128,
+             num_workers=2, num_shards=1, shard_id=0, block=None):
+    """Tokenize `units` (or this shard's share of them) into OUT/NAME.tokens + .json; returns the
+    metadata."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
     S, block = (opts["size"] // model.downsample_factor) ** 2, block or BLOCK[kind]
     job = _fingerprint(kind, units, _stamps(units), opts, tokenizer["sha256"], block)
     fingerprint = job if num_shards == 1 else _fingerprint(job, shard_id, num_shards)
-    blocks = [units[i:i + block] for i in range(0, len(units), block)]  # a shard is a run of whole blocks
+    # a shard is a run of whole blocks
+    blocks = [units[i:i + block] for i in range(0, len(units), block)]
     lo, hi = len(blocks) * shard_id // num_shards, len(blocks) * (shard_id + 1) // num_shards
     prefix = Path(out) / (name if num_shards == 1 else f"{name}-{shard_id:05d}-of-{num_shards:05d}")
     if done := _complete(prefix, fingerprint):
-        Path(f"{prefix}.progress").unlink(missing_ok=True)  # left if a kill came just after the finish
+        # left if a kill came just after the finish
+        Path(f"{prefix}.progress").unlink(missing_ok=True)
         print(f"{prefix}.tokens is up to date ({done['num_images']} images)")
         return done
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -419,14 +468,18 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
     if records and (not partial.exists() or partial.stat().st_size < 2 * rows * S):
         records, rows = [], 0  # the tokens the records vouch for are gone: start afresh
     if records:
-        print(f"{name}: resuming after {len(records)} of {hi - lo} blocks ({rows} images)", file=sys.stderr)
-    progress.write_text("".join(json.dumps(r) + "\n" for r in [{"fingerprint": fingerprint}] + records))
+        print(f"{name}: resuming after {len(records)} of {hi - lo} blocks ({rows} images)",
+              file=sys.stderr)
+    progress.write_text("".join(json.dumps(r) + "\n"
+                                for r in [{"fingerprint": fingerprint}] + records))
     partial.touch()
     tasks = [(b, blocks[b][i:i + TASK[kind]]) for b in range(lo + len(records), hi)
              for i in range(0, len(blocks[b]), TASK[kind])]
-    loader = DataLoader(Loader([task for _, task in tasks], opts), batch_size=None, num_workers=num_workers,
-                        pin_memory=next(model.parameters()).is_cuda, prefetch_factor=4 if num_workers else None)
-    bar = tqdm(total=sum(map(len, blocks[lo:hi])), initial=sum(map(len, blocks[lo:lo + len(records)])), desc=name,
+    loader = DataLoader(Loader([task for _, task in tasks], opts), batch_size=None,
+                        num_workers=num_workers, pin_memory=next(model.parameters()).is_cuda,
+                        prefetch_factor=4 if num_workers else None)
+    bar = tqdm(total=sum(map(len, blocks[lo:hi])),
+               initial=sum(map(len, blocks[lo:lo + len(records)])), desc=name,
                unit="input", dynamic_ncols=True)
     t0, new_rows, pending, groups, skipped = time.time(), 0, [], [], []
     with open(partial, "r+b") as f, open(progress, "a") as log:
@@ -440,12 +493,14 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
             pending.append(pixels)
             n = sum(map(len, pending))
             end_of_block = t + 1 == len(tasks) or tasks[t + 1][0] != tasks[t][0]
-            while n >= batch_size or (end_of_block and n):  # the same batches in every run: the same bytes
+            # the same batches in every run: the same bytes
+            while n >= batch_size or (end_of_block and n):
                 x, b = torch.cat(pending), min(n, batch_size)
                 f.write(encode(model, x[:b]).tobytes())
                 pending, n, new_rows = [x[b:]], n - b, new_rows + b
                 time.sleep(TEST_DELAY)
-            if end_of_block:  # commit: the tokens reach the file before the record that vouches for them
+            # commit: the tokens reach the file before the record that vouches for them
+            if end_of_block:
                 f.flush()
                 records.append(dict(block=tasks[t][0], rows=rows, groups=groups, skipped=skipped))
                 log.write(json.dumps(records[-1]) + "\n")
@@ -455,8 +510,9 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
             bar.set_postfix_str(f"{new_rows / (time.time() - t0):.0f} img/s", refresh=False)
     bar.close()
     meta = dict(kind=kind, tokens_per_image=S, num_images=rows, image_size=opts["size"],
-                vocab_size=tokenizer["num_embeddings"], groups=[], **(info or {}), skipped=[], tokenizer=tokenizer,
-                fingerprint=fingerprint, **({"shard": [shard_id, num_shards], "job": job} if num_shards > 1 else {}))
+                vocab_size=tokenizer["num_embeddings"], groups=[], **(info or {}), skipped=[],
+                tokenizer=tokenizer, fingerprint=fingerprint,
+                **({"shard": [shard_id, num_shards], "job": job} if num_shards > 1 else {}))
     meta = _finish(prefix, meta, rows, [g for r in records for g in r["groups"]],
                    [s for r in records for s in r["skipped"]])
     progress.unlink()
@@ -466,16 +522,19 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
 
 
 def merge(out, name):
-    """Concatenate the finished shards NAME-0000i-of-K into NAME: the same file as one unsharded run."""
+    """Concatenate the finished shards NAME-0000i-of-K into NAME: the same file as one unsharded
+    run."""
     parts = sorted(p for p in Path(out).glob(f"{name}-*-of-*.json")
                    if re.fullmatch(rf"{re.escape(name)}-\d{{5}}-of-\d{{5}}", p.stem))
     metas = [json.loads(p.read_text()) for p in parts]
     if not metas:
         raise ValueError(f"no shards {name}-*-of-*.json in {out}")
     k = metas[0]["shard"][1]
-    if [m["shard"] for m in metas] != [[i, k] for i in range(k)] or len({m["job"] for m in metas}) != 1:
+    if ([m["shard"] for m in metas] != [[i, k] for i in range(k)]
+            or len({m["job"] for m in metas}) != 1):
         have = ", ".join(p.stem for p in parts)
-        raise ValueError(f"need all {k} shards of one job to merge, found: {have}; finish the missing shard runs")
+        raise ValueError(f"need all {k} shards of one job to merge, found: {have}; finish the "
+                         "missing shard runs")
     prefix, rows, groups = Path(out) / name, 0, []
     with open(f"{prefix}.tokens.partial", "wb") as f:
         for p, m in zip(parts, metas):
@@ -493,24 +552,28 @@ def merge(out, name):
 
 
 def show(data_dir, model, out_png, names="*", per_kind=1, n_images=16, seed=0):
-    """PNG grid, a sequence per row: for each token file, `per_kind` sequences of each kind it feeds, decoded."""
+    """PNG grid, a sequence per row: for each token file, `per_kind` sequences of each kind it
+    feeds, decoded."""
     import torch
     from PIL import ImageDraw
     rng, labels, seqs = np.random.default_rng(seed), [], []
     files = {p.stem: load_tokens(p) for p in sorted(Path(data_dir).glob(f"{names}.json"))}
-    uses = dict(single="images", natural="video", discriminative="pairs", generative="pairs", random="images")
+    uses = dict(single="images", natural="video", discriminative="pairs", generative="pairs",
+                random="images")
     for kind, name in [(k, n) for k in uses for n, d in files.items() if d.meta["kind"] == uses[k]]:
         for _ in range(per_kind):
             if kind == "single":  # n_images stage-1 sequences side by side
                 seq = np.concatenate([single_image(files[name], rng) for _ in range(n_images)])
             else:
-                seq = SEQUENCE_BUILDERS[kind](files[name], rng, n_images // (2 if uses[kind] == "pairs" else 1))
+                seq = SEQUENCE_BUILDERS[kind](files[name], rng,
+                                              n_images // (2 if uses[kind] == "pairs" else 1))
             seqs.append(seq.reshape(-1, files[name].meta["tokens_per_image"]))
             labels.append(f"{kind}: {name}")
     if not seqs:
         raise ValueError(f"no token files {names}.json in {data_dir}")
     codes = torch.from_numpy(np.concatenate(seqs)).to(next(model.parameters()).device)
-    pixels = (model.decode(codes).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    pixels = ((model.decode(codes).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)
+              .cpu().numpy())
     res, first = pixels.shape[1], np.cumsum([0] + [len(q) for q in seqs])
     scale, label_width = max(1, 64 // res), 240
     tile = res * scale + 2
@@ -530,60 +593,80 @@ def show(data_dir, model, out_png, names="*", per_kind=1, n_images=16, seed=0):
 
 
 def toyworld_jobs(root):
-    """(kind, units, name, opts, info) of every split of a toy world: {split}_{images,video,segmentation,...}."""
+    """(kind, units, name, opts, info) of every split of a toy world:
+    {split}_{images,video,segmentation,...}."""
     try:
         meta = json.loads((Path(root) / "meta.json").read_text())
     except FileNotFoundError:
-        raise ValueError(f"{root} is not a toy world (no meta.json): run python toyworld.py --out {root}")
+        raise ValueError(f"{root} is not a toy world (no meta.json): run python toyworld.py "
+                         f"--out {root}")
     jobs = []
     for split in meta["splits"]:
         images, videos = str(Path(root, split, "images")), str(Path(root, split, "videos"))
         jobs.append(("images", list_images([images]), f"{split}_images", {}, {"sources": [images]}))
-        jobs.append(("video", list_videos([videos]), f"{split}_video", {"stride": 1, "max_frames": 256},
-                     {"stride": 1, "sources": [videos]}))
+        jobs.append(("video", list_videos([videos]), f"{split}_video",
+                     {"stride": 1, "max_frames": 256}, {"stride": 1, "sources": [videos]}))
         for ann in meta["annotations"]:
-            palette, folder = meta["palette"] if ann == "segmentation" else None, str(Path(root, split, ann))
-            jobs.append(("pairs", list_pairs(images, folder), f"{split}_{ann}", {"palette": palette},
+            palette, folder = (meta["palette"] if ann == "segmentation" else None,
+                               str(Path(root, split, ann)))
+            jobs.append(("pairs", list_pairs(images, folder), f"{split}_{ann}",
+                         {"palette": palette},
                          {"annotation": ann, "palette": palette, "sources": [images, folder]}))
     return jobs
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     tok = argparse.ArgumentParser(add_help=False)
     tok.add_argument("--vqgan", help="VQ-GAN checkpoint: a directory vqgan.load_pretrained reads")
-    tok.add_argument("--vqgan_config", help="TESTS ONLY: randomly initialised weights of this vqgan.CONFIGS entry")
-    tok.add_argument("--seed", type=int, default=0, help="of --vqgan_config's weights and of `show`'s sequences")
+    tok.add_argument("--vqgan_config",
+                     help="TESTS ONLY: randomly initialised weights of this vqgan.CONFIGS entry")
+    tok.add_argument("--seed", type=int, default=0,
+                     help="of --vqgan_config's weights and of `show`'s sequences")
     tok.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     job = argparse.ArgumentParser(add_help=False, parents=[tok])
     job.add_argument("--out", default="data/tokens", help="output directory")
     job.add_argument("--batch_size", type=int, default=128, help="images per VQ-GAN call")
     job.add_argument("--num_workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
                      help="decoding processes (0: decode in this process)")
-    job.add_argument("--num_shards", type=int, default=1, help="split the inputs over this many runs (machines)")
-    job.add_argument("--shard_id", type=int, default=0, help="this run's share; `merge` joins the shards")
-    job.add_argument("--block", type=int, help=f"inputs per commit (default {BLOCK}): a kill loses at most one")
+    job.add_argument("--num_shards", type=int, default=1,
+                     help="split the inputs over this many runs (machines)")
+    job.add_argument("--shard_id", type=int, default=0,
+                     help="this run's share; `merge` joins the shards")
+    job.add_argument("--block", type=int,
+                     help=f"inputs per commit (default {BLOCK}): a kill loses at most one")
     named = argparse.ArgumentParser(add_help=False, parents=[job])
     named.add_argument("--name", required=True, help="writes OUT/NAME.tokens and OUT/NAME.json")
-    s = sub.add_parser("images", parents=[named], help="single images: folders (recursive), webdataset .tar shards")
-    s.add_argument("--input", nargs="+", required=True, help="image folders, image files, .tar shards")
+    s = sub.add_parser("images", parents=[named],
+                       help="single images: folders (recursive), webdataset .tar shards")
+    s.add_argument("--input", nargs="+", required=True,
+                   help="image folders, image files, .tar shards")
     s = sub.add_parser("video", parents=[named], help="video files (PyAV) and folders of frames")
-    s.add_argument("--input", nargs="+", required=True, help="video files, folders of them, folders of frames")
+    s.add_argument("--input", nargs="+", required=True,
+                   help="video files, folders of them, folders of frames")
     s.add_argument("--stride", type=int, default=1, help="keep every stride-th frame")
-    s.add_argument("--max_frames", type=int, default=256, help="frames kept per video (after the stride)")
-    s = sub.add_parser("pairs", parents=[named], help="image and annotation folders matched by file stem")
+    s.add_argument("--max_frames", type=int, default=256,
+                   help="frames kept per video (after the stride)")
+    s = sub.add_parser("pairs", parents=[named],
+                       help="image and annotation folders matched by file stem")
     s.add_argument("--images", required=True, help="image folder (recursive)")
-    s.add_argument("--annotations", required=True, help="annotation folder (recursive), same file stems")
-    s.add_argument("--annotation", default="segmentation", help="what they are: segmentation, edges, depth, ...")
-    s.add_argument("--palette", help=f"{', '.join(PALETTES)} or a JSON file of [r, g, b] per class index; needed "
-                   "for class-index PNGs (ADE20K's store class c as c + 1)")
-    s = sub.add_parser("toyworld", parents=[job], help="every split and kind of a toy world (toyworld.py)")
+    s.add_argument("--annotations", required=True,
+                   help="annotation folder (recursive), same file stems")
+    s.add_argument("--annotation", default="segmentation",
+                   help="what they are: segmentation, edges, depth, ...")
+    s.add_argument("--palette",
+                   help=f"{', '.join(PALETTES)} or a JSON file of [r, g, b] per class index; "
+                   "needed for class-index PNGs (ADE20K's store class c as c + 1)")
+    s = sub.add_parser("toyworld", parents=[job],
+                       help="every split and kind of a toy world (toyworld.py)")
     s.add_argument("--root", default="data/toyworld", help="toy world folder")
     s = sub.add_parser("merge", help="join the finished shards of a --num_shards run")
     s.add_argument("--out", default="data/tokens")
     s.add_argument("--name", required=True)
-    s = sub.add_parser("show", parents=[tok], help="decode a few sequences of each kind into a PNG grid")
+    s = sub.add_parser("show", parents=[tok],
+                       help="decode a few sequences of each kind into a PNG grid")
     s.add_argument("--data", required=True, help="directory of token files")
     s.add_argument("--names", default="*", help="glob of the dataset names to show, e.g. 'train_*'")
     s.add_argument("--out", required=True, help="PNG path")
@@ -602,18 +685,21 @@ def main(argv=None):
     elif args.command == "images":
         jobs = [("images", list_images(args.input), args.name, {}, {"sources": args.input})]
     elif args.command == "video":
-        jobs = [("video", list_videos(args.input), args.name, {"stride": args.stride, "max_frames": args.max_frames},
+        jobs = [("video", list_videos(args.input), args.name,
+                 {"stride": args.stride, "max_frames": args.max_frames},
                  {"stride": args.stride, "sources": args.input})]
     elif args.command == "pairs":
         units = list_pairs(args.images, args.annotations)
         palette = load_palette(args.palette).tolist() if args.palette else None
         first = next((u[2] for u in units if u[0] == "pair"), None)
         if first and not palette and Image.open(first).mode in ("L", "P", "I", "I;16"):
-            print(f"warning: {first} has one channel: if the annotations are class indices, pass --palette",
-                  file=sys.stderr)
+            print(f"warning: {first} has one channel: if the annotations are class indices, "
+                  "pass --palette", file=sys.stderr)
         offset = INDEX_OFFSET.get(args.palette, 0)
-        jobs = [("pairs", units, args.name, {"palette": palette, "palette_name": args.palette, "index_offset": offset},
-                 {"annotation": args.annotation, "palette": palette, "sources": [args.images, args.annotations]})]
+        jobs = [("pairs", units, args.name,
+                 {"palette": palette, "palette_name": args.palette, "index_offset": offset},
+                 {"annotation": args.annotation, "palette": palette,
+                  "sources": [args.images, args.annotations]})]
     for _, units, name, _, info in jobs:
         if not units:
             raise ValueError(f"no inputs found for {name} in {', '.join(info['sources'])}")
@@ -623,8 +709,9 @@ def main(argv=None):
         print(f"wrote {args.out}")
         return
     for kind, units, name, opts, info in jobs:
-        tokenize(units, kind, dict(opts, size=tokenizer["resolution"]), model, tokenizer, args.out, name, info,
-                 args.batch_size, args.num_workers, args.num_shards, args.shard_id, args.block)
+        tokenize(units, kind, dict(opts, size=tokenizer["resolution"]), model, tokenizer,
+                 args.out, name, info, args.batch_size, args.num_workers, args.num_shards,
+                 args.shard_id, args.block)
 
 
 if __name__ == "__main__":
