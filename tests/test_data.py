@@ -22,6 +22,7 @@ def _rows(seq):
     return seq.reshape(-1, 4)[:, 0]
 
 
+@pytest.mark.data
 def test_sequence_builders_make_the_sequences_of_the_paper(tmp_path):
     video = write_token_file(tmp_path / "video", "video", [[0, 20], [20, 5], [25, 30]], 55)
     pairs = write_token_file(tmp_path / "pairs", "pairs", [[0, 20], [20, 40]], 60)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import distributed
+from conftest import raise_unfinished
 from test_train import toy_images, write_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ def train(out_dir, data, *extra, processes=1):
             f"--out_dir={out_dir}", *extra]
     result = subprocess.run(launcher + args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=600)
+    raise_unfinished(result)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]
@@ -41,12 +43,16 @@ def one_process(data, tmp_path_factory):
     return train(tmp_path_factory.mktemp("single"), data)
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_ddp_on_two_processes_matches_one_process(tmp_path, data, one_process):
     ddp = train(tmp_path, data, "--parallel=ddp", processes=2)  # each rank: one micro-batch of 4
     assert len(ddp) == len(one_process) == 4
     assert ddp == pytest.approx(one_process, abs=1e-5)
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tmp_path, data, one_process):
     first = train(tmp_path, data, "--parallel=fsdp", "--stop_at=2", processes=2)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)

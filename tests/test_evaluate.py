@@ -96,6 +96,7 @@ def test_psnr_and_ssim_of_known_pairs():
     assert (ssim(x, noisy) < 0.9).all() and (ssim(x, noisy) > ssim(x, torch.rand_like(x))).all()
 
 
+@pytest.mark.inference
 def test_colors_to_classes_picks_the_nearest_palette_colour():
     palette = np.array([[0, 0, 0], [255, 0, 0], [0, 0, 255]], np.uint8)
     rgb = torch.tensor([[[[10, 5, 0], [200, 30, 20]], [[20, 10, 240], [255, 0, 0]]]], dtype=torch.uint8)  # [1,2,2,3]
@@ -105,6 +106,7 @@ def test_colors_to_classes_picks_the_nearest_palette_colour():
     assert colors_to_classes(np.array([[128, 0, 128]], np.uint8), palette).tolist() == [1]  # tie: first colour
 
 
+@pytest.mark.inference
 def test_mean_iou_of_a_hand_built_map():
     gt = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 255]])
     pred = torch.tensor([[0, 1, 1, 1], [0, 0, 2, 2]])
@@ -117,6 +119,7 @@ def test_mean_iou_of_a_hand_built_map():
     assert math.isnan(mean_iou(pred, torch.full_like(gt, 255), 3))
 
 
+@pytest.mark.inference
 def test_mean_iou_uses_the_ignore_index_given():
     gt, pred = torch.tensor([0, 1, 9]), torch.tensor([0, 1, 0])
     assert mean_iou(pred, gt, 10, ignore_index=9) == 1.0
@@ -124,6 +127,7 @@ def test_mean_iou_uses_the_ignore_index_given():
     assert mean_iou(pred, gt, 10, ignore_index=255) == pytest.approx(0.5)
 
 
+@pytest.mark.inference
 def test_ground_truth_colours_read_back_as_classes_with_unlabelled_pixels_ignored():
     palette = PALETTES["ade20k"]
     colours = torch.from_numpy(np.stack([palette[3], palette[149], [0, 0, 0], [1, 2, 3]]).astype(np.uint8))
@@ -218,6 +222,7 @@ def make_ucf101(root, frames=10, size=40):
     return root
 
 
+@pytest.mark.inference
 def test_ade20k_labels_shift_by_one_with_zero_ignored(tmp_path):
     ds = find_paired(make_ade20k(tmp_path / "ADEChallengeData2016"), "val")
     assert ds.name == "ade20k" and len(ds.units) == 3 and len(ds.palette) == 150
@@ -227,6 +232,7 @@ def test_ade20k_labels_shift_by_one_with_zero_ignored(tmp_path):
     assert image.shape == colours.shape == (3, 32, 32) and image.dtype == torch.uint8
 
 
+@pytest.mark.inference
 def test_cityscapes_train_ids_read_back_exactly(tmp_path):
     ds = find_paired(make_cityscapes(tmp_path), "val")
     assert ds.name == "cityscapes" and len(ds.units) == 3
@@ -247,6 +253,9 @@ def test_unknown_layout_is_explained(tmp_path):
 # ----------------------------------------------------------------------------- protocols, end to end
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 def test_video_protocol_on_the_toy_world(lvm, tokenizer, toy, tmp_path):
     r = eval_video(lvm, tokenizer, toy, EvalConfig(limit=2, batch_size=2, out=str(tmp_path)))  # 16 frames, 5 prompt
     assert r["queries"] == 2 and r["skipped"] == 0
@@ -256,12 +265,18 @@ def test_video_protocol_on_the_toy_world(lvm, tokenizer, toy, tmp_path):
     assert r["dataset"] == "toy" and (tmp_path / "video_toy.png").is_file()
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 def test_video_protocol_on_ucf101_files_and_frame_folders(lvm, tokenizer, tmp_path):
     r = eval_video(lvm, tokenizer, make_ucf101(tmp_path / "UCF-101"), EvalConfig(**{**FAST, "limit": None}))
     assert r["queries"] == 2 and r["skipped"] == 1  # the 3-frame video cannot give a 6-frame clip
     assert math.isfinite(r["model"]["fvd"])
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 @pytest.mark.parametrize("annotation", ["segmentation", "edges", "depth"])
 def test_generation_protocol_on_the_toy_world(lvm, tokenizer, toy, annotation):
     prompt_split = "train" if annotation == "depth" else None  # default: a prompt from the evaluated split
@@ -271,12 +286,18 @@ def test_generation_protocol_on_the_toy_world(lvm, tokenizer, toy, annotation):
     assert f"/{prompt_split or 'val'}/images/" in r["prompt"]
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 def test_segmentation_protocol_on_the_toy_world(lvm, tokenizer, toy, tmp_path):
     r = eval_segmentation(lvm, tokenizer, toy, EvalConfig(**FAST, out=str(tmp_path)))
     assert r["num_classes"] == 4 and 0 <= r["model"]["miou"] <= 100 and 0 <= r["gt_rec"]["miou"] <= 100
     assert math.isfinite(r["model"]["fid"]) and (tmp_path / "segmentation_toy.png").is_file()
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 def test_segmentation_of_an_oracle_scores_100_miou(lvm, tokenizer, toy, monkeypatch):
     """A "model" that answers with the true map of each query: mIoU 100 and FID 0, so queries meet their truths."""
     cfg = EvalConfig(limit=4, batch_size=3)
@@ -293,6 +314,9 @@ def test_segmentation_of_an_oracle_scores_100_miou(lvm, tokenizer, toy, monkeypa
     assert r["model"]["token_accuracy"] == pytest.approx(100)
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 def test_task_protocol_credits_an_oracle_with_every_task_and_query(lvm, tokenizer, toy, monkeypatch):
     """A "model" that answers each query with its true annotation for the prompt's task: every answer is nearest
     its own task's truth and its own query's."""
@@ -312,6 +336,9 @@ def test_task_protocol_credits_an_oracle_with_every_task_and_query(lvm, tokenize
     assert "| edges | 0.0 | 100.0 | 0.0 | 100.0 |" in evaluate.markdown_table([r])
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 def test_in_context_curve_asks_the_same_queries_after_0_to_7_pairs(lvm, tokenizer, tmp_path):
     root = tmp_path / "world"
     toyworld.generate(root, seed=0, num_images=8, num_val_images=3, num_videos=1, num_val_videos=1, frames=2)
@@ -322,6 +349,9 @@ def test_in_context_curve_asks_the_same_queries_after_0_to_7_pairs(lvm, tokenize
     assert Image.open(c["plot"]).size == (420, 260)
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 @pytest.mark.parametrize("layout", ["ade20k", "cityscapes"])
 def test_segmentation_and_generation_on_real_dataset_layouts(lvm, tokenizer, tmp_path, layout):
     root = make_ade20k(tmp_path / "ADEChallengeData2016") if layout == "ade20k" else make_cityscapes(tmp_path)
@@ -339,6 +369,8 @@ def write_tokens(prefix, kind, tokens, **meta):
         json.dump(meta, f)
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_perplexity_equals_the_models_own_loss(lvm, tmp_path):
     rng = np.random.default_rng(0)
     write_tokens(tmp_path / "val_video", "video", rng.integers(0, 512, (40, 64)), groups=[[0, 20], [20, 20]])
@@ -352,6 +384,8 @@ def test_perplexity_equals_the_models_own_loss(lvm, tmp_path):
     assert m["tokens"] == 3 * 1023 and 0 <= m["accuracy"] <= 100
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_perplexity_of_pairs_reports_both_orders(lvm, tmp_path):
     rng = np.random.default_rng(0)
     write_tokens(tmp_path / "val_seg", "pairs", rng.integers(0, 512, (12, 64)), groups=[[0, 12]],
@@ -361,6 +395,10 @@ def test_perplexity_of_pairs_reports_both_orders(lvm, tmp_path):
     assert all(abs(m["loss"] - math.log(512)) < 1.0 for m in r["model"].values())  # a random model: ~ln(codebook)
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.data
+@pytest.mark.inference
 def test_command_line_writes_tables_json_and_grids(lvm, tokenizer, toy, tmp_path):
     torch.save({"model": lvm.state_dict(), "model_args": dataclasses.asdict(lvm.args)}, tmp_path / "ckpt.pt")
     vqgan.save_pretrained(tokenizer, tmp_path / "vq")
@@ -383,6 +421,7 @@ def test_command_line_writes_tables_json_and_grids(lvm, tokenizer, toy, tmp_path
                                                              "generation_toy_edges"))
 
 
+@pytest.mark.decoder
 def test_command_line_explains_missing_weights(lvm, tokenizer, toy, tmp_path, monkeypatch):
     torch.save({"model": lvm.state_dict(), "model_args": dataclasses.asdict(lvm.args)}, tmp_path / "ckpt.pt")
     vqgan.save_pretrained(tokenizer, tmp_path / "vq")

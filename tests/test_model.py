@@ -1,6 +1,5 @@
 """The decoder: sizes and FLOPs of the paper, causality, the KV cache, the optimizer, Hugging Face interop."""
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ def small_model(seed=0, **overrides):
     return Transformer(ModelArgs(**{**SMALL, **overrides})).eval()
 
 
+@pytest.mark.decoder
 @pytest.mark.parametrize("size", ["300M", "600M", "1B", "3B"])
 def test_parameter_counts_match_table7(size):
     with torch.device("meta"):
@@ -36,6 +36,7 @@ def test_forward_flops_match_table4(size):
     assert math.ceil(short * 10) / 10 == pytest.approx(TABLE4_TFLOPS[size][256])
 
 
+@pytest.mark.decoder
 def test_every_config_builds_a_model():
     for name, cfg in MODEL_SIZES.items():
         with torch.device("meta"):
@@ -44,6 +45,7 @@ def test_every_config_builds_a_model():
     assert STAGES["pretrain"]["lr"] == 1.5e-4 and STAGES["finetune"]["min_lr"] == 1.5e-6
 
 
+@pytest.mark.decoder
 def test_forward_returns_logits_and_mean_cross_entropy():
     model = small_model()
     idx = torch.randint(0, 100, (2, 10))
@@ -55,6 +57,7 @@ def test_forward_returns_logits_and_mean_cross_entropy():
     assert model(idx)[1] is None
 
 
+@pytest.mark.decoder
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_changing_a_token_never_changes_earlier_logits(n_kv_heads):
     model = small_model(n_kv_heads=n_kv_heads)
@@ -66,6 +69,7 @@ def test_changing_a_token_never_changes_earlier_logits(n_kv_heads):
     assert not torch.allclose(before[:, 12:], after[:, 12:])
 
 
+@pytest.mark.decoder
 @pytest.mark.parametrize("n_kv_heads", [4, 1])
 def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
     model = small_model(n_kv_heads=n_kv_heads)
@@ -79,6 +83,7 @@ def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
     model.clear_cache()
 
 
+@pytest.mark.decoder
 def test_optimizer_decays_matrices_not_norm_gains():
     model = small_model()
     opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
@@ -89,6 +94,7 @@ def test_optimizer_decays_matrices_not_norm_gains():
     assert opt.defaults["betas"] == (0.9, 0.95)
 
 
+@pytest.mark.decoder
 def test_residual_projections_start_smaller():
     model = small_model(dim=256, n_layers=8, hidden_dim=512)
     assert model.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.05)
@@ -104,6 +110,7 @@ def hf_llama(n_kv_heads):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.decoder
 @pytest.mark.parametrize("n_kv_heads,layout", [(4, "safetensors"), (2, "safetensors"), (2, "sharded"), (2, "bin")])
 def test_load_hf_gives_transformers_logits(tmp_path, n_kv_heads, layout):
     hf = hf_llama(n_kv_heads)
@@ -118,6 +125,7 @@ def test_load_hf_gives_transformers_logits(tmp_path, n_kv_heads, layout):
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.decoder
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_save_hf_round_trip_is_exact_and_transformers_reads_it(tmp_path, n_kv_heads):
     import transformers
@@ -137,8 +145,8 @@ def test_load_hf_explains_a_missing_checkpoint(tmp_path):
         load_hf(tmp_path)
 
 
-def test_model_cli_prints_params_and_flops():
-    out = subprocess.run([sys.executable, "model.py", "--size", "300M"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+@pytest.mark.decoder
+def test_model_cli_prints_params_and_flops(run_script):
+    out = run_script([sys.executable, "model.py", "--size", "300M"], cwd=ROOT).stdout
     assert "parameters: 290.8M (paper: 291M)" in out
     assert "4096 tokens: 3.82 (Table 4: 4.1)" in out

@@ -37,6 +37,8 @@ def draws(logits, n, seed=0, **kwargs):
     return torch.bincount(tokens, minlength=logits.shape[-1]).double() / n, tokens
 
 
+@pytest.mark.decoder
+@pytest.mark.inference
 def test_greedy_cached_generation_equals_naive_rerun():
     model = small_model()
     prompt = torch.randint(0, 100, (3, 7))
@@ -46,6 +48,7 @@ def test_greedy_cached_generation_equals_naive_rerun():
     assert torch.equal(generate(model, prompt, 30, temperature=1e-6), out)  # T -> 0 is greedy
 
 
+@pytest.mark.inference
 def test_top_k_never_samples_outside_the_k_best():
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
     freq, tokens = draws(logits, 20000, top_k=5)
@@ -56,6 +59,7 @@ def test_top_k_never_samples_outside_the_k_best():
     torch.testing.assert_close(freq, expected, rtol=0, atol=0.015)
 
 
+@pytest.mark.inference
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_temperature_reshapes_the_distribution_as_softmax_of_logits_over_t(temperature):
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
@@ -64,6 +68,8 @@ def test_temperature_reshapes_the_distribution_as_softmax_of_logits_over_t(tempe
     torch.testing.assert_close(freq, expected, rtol=0, atol=0.015)
 
 
+@pytest.mark.decoder
+@pytest.mark.inference
 def test_codes_beyond_the_codebook_are_never_sampled():
     logits = torch.zeros(1, 8292)
     logits[0, 8192:] = 100.0  # LVM's 100 unused slots, made overwhelmingly likely
@@ -77,6 +83,8 @@ def test_codes_beyond_the_codebook_are_never_sampled():
     assert out.max() < 100
 
 
+@pytest.mark.decoder
+@pytest.mark.inference
 def test_sliding_window_runs_past_the_context_and_matches_a_naive_windowed_rerun():
     model = small_model()  # context 48 tokens = 6 images of 8
     prompt = torch.randint(0, 100, (2, 20))
@@ -88,6 +96,8 @@ def test_sliding_window_runs_past_the_context_and_matches_a_naive_windowed_rerun
     assert torch.equal(out, naive_greedy(model, long_prompt, 10, tokens_per_image=8))
 
 
+@pytest.mark.decoder
+@pytest.mark.inference
 def test_window_drops_whole_images_only():
     assert window_start(48, 48, 8) == 0
     assert window_start(49, 48, 8) == 8  # one token too many: the oldest image goes
@@ -96,6 +106,8 @@ def test_window_drops_whole_images_only():
         generate(small_model(), torch.zeros(1, 40, dtype=torch.long), 20)
 
 
+@pytest.mark.decoder
+@pytest.mark.inference
 def test_cache_is_allocated_once_per_call_and_released(monkeypatch):
     model = small_model()
     calls = []
@@ -106,6 +118,8 @@ def test_cache_is_allocated_once_per_call_and_released(monkeypatch):
     assert model.layers[0].attention.kv_cache is None
 
 
+@pytest.mark.decoder
+@pytest.mark.inference
 def test_seeds_make_batched_samples_reproducible_and_distinct():
     model = small_model()
     prompt = torch.randint(0, 100, (1, 6)).expand(4, -1)
@@ -116,6 +130,7 @@ def test_seeds_make_batched_samples_reproducible_and_distinct():
     assert len({tuple(row.tolist()) for row in a}) == 4  # each row of a batch is its own sample
 
 
+@pytest.mark.decoder
 def test_load_model_reads_checkpoints_with_wrapper_prefixes_and_hf_directories(tmp_path):
     model = small_model().float()
     state = {f"_orig_mod.module.{k}": v for k, v in model.state_dict().items()}  # compiled + DDP names
@@ -160,6 +175,8 @@ def write_video(path, n_frames):
         container.mux(stream.encode())
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
 def test_images_tokens_round_trip_shapes(toy):
     tokenizer = vqgan.load_pretrained(toy / "vqgan", device="cpu")
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
@@ -170,6 +187,9 @@ def test_images_tokens_round_trip_shapes(toy):
     assert back.shape == (1, 3, 3, 32, 32) and back.min() >= 0 and back.max() <= 1
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 def test_sample_images_for_prompts_and_unconditional(toy):
     tokenizer = vqgan.load_pretrained(toy / "vqgan", device="cpu")
     model = load_model(toy / "hf")
@@ -188,6 +208,9 @@ def test_save_grid_lays_out_rows_with_blank_cells(tmp_path):
     assert grid[0, 0].tolist() == [0, 0, 0] and grid[0, -1].tolist() == [255, 255, 255]
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 def test_cli_analogy_writes_grid_and_generated_images(toy, tmp_path):
     out = tmp_path / "out"
     sample.main(["--model", str(toy / "hf"), "--vqgan", str(toy / "vqgan"), "--prompt", str(toy / "img0.png"),
@@ -199,6 +222,9 @@ def test_cli_analogy_writes_grid_and_generated_images(toy, tmp_path):
     assert Image.open(out / "sample00_00.png").size == (32, 32)
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
 def test_cli_video_continuation_slides_past_the_context_and_writes_gifs(toy, tmp_path):
     write_video(tmp_path / "clip.mp4", 8)
     out = tmp_path / "out"
@@ -215,6 +241,8 @@ def test_cli_video_continuation_slides_past_the_context_and_writes_gifs(toy, tmp
     assert Image.open(out / "folder" / "sample00.gif").n_frames == 5
 
 
+@pytest.mark.decoder
+@pytest.mark.inference
 def test_cli_unconditional_batches_samples(toy, tmp_path):
     sample.main(["--model", str(toy / "hf"), "--vqgan", str(toy / "vqgan"), "--unconditional", "--num_samples", "3",
                  "--batch_size", "2", "--out_dir", str(tmp_path)])
@@ -222,6 +250,7 @@ def test_cli_unconditional_batches_samples(toy, tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (128, (3 * 34 - 2) * 4)
 
 
+@pytest.mark.decoder
 def test_cli_rejects_bad_input_with_one_line(toy, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--model", str(toy / "hf"), "--vqgan", str(toy / "vqgan"), "--prompt", str(toy / "img0.png"),

@@ -18,6 +18,7 @@ from PIL import Image
 import tokenize_data as td
 import toyworld
 import vqgan
+from conftest import raise_unfinished
 from data import generative_sequence, load_tokens, natural_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +42,9 @@ def model(ckpt):
 
 
 def cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "tokenize_data.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+    return raise_unfinished(subprocess.run([sys.executable, "tokenize_data.py", *map(str, args)], cwd=ROOT,
+                                           capture_output=True, text=True,
+                                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw))
 
 
 def encode_files(model, paths, size=32):
@@ -87,6 +89,7 @@ def make_mixed_folder(folder):
     return good, ["m_shard.tar:001.jpg", "n_truncated.jpg", "o_empty.png", "p_notes.txt", "q_text.jpg"]
 
 
+@pytest.mark.tokenizer
 def test_folder_of_every_mode_with_bad_files_exits_0_and_lists_each_bad_file(tmp_path, ckpt, model):
     good, bad = make_mixed_folder(tmp_path / "in")
     r = cli("images", "--input", tmp_path / "in", "--vqgan", ckpt, "--out", tmp_path / "out", "--name", "mixed",
@@ -134,6 +137,7 @@ def _progress(path):
         return 0
 
 
+@pytest.mark.tokenizer
 def test_kill_9_mid_run_then_rerun_gives_the_same_files_as_an_uninterrupted_run(tmp_path, ckpt, capsys):
     rng = np.random.default_rng(1)
     (tmp_path / "in").mkdir()
@@ -144,8 +148,9 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_files_as_an_uninterrupted_run(
             "--num_workers", 1, "--device", "cpu"]
     args = [str(a) for a in args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZE_DATA_TEST_DELAY": "0.15"}  # slow batches: time to kill
+    log = open(tmp_path / "stderr.txt", "w")
     proc = subprocess.Popen([sys.executable, "tokenize_data.py", *args, "--out", str(tmp_path / "killed")], cwd=ROOT,
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=log)
     progress, partial = tmp_path / "killed" / "d.progress", tmp_path / "killed" / "d.tokens.partial"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # kill inside block 3: written rows not yet committed
@@ -153,6 +158,8 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_files_as_an_uninterrupted_run(
         if blocks >= 4 or (blocks >= 2 and partial.exists() and partial.stat().st_size > 2 * 8 * blocks * S):
             break
         time.sleep(0.01)
+    if proc.poll() is not None:  # it ended on its own: say why
+        raise_unfinished(subprocess.CompletedProcess(args, proc.returncode, "", (tmp_path / "stderr.txt").read_text()))
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the run and its decoding worker
     assert proc.wait() == -signal.SIGKILL
@@ -175,6 +182,7 @@ def test_a_progress_line_cut_by_a_kill_is_not_a_commit(tmp_path):
     assert td._read_progress(path, "another job") == []
 
 
+@pytest.mark.tokenizer
 def test_shards_merge_into_the_file_of_one_run(tmp_path, ckpt):
     rng = np.random.default_rng(2)
     for v in range(5):  # frame folders of different lengths, one with a broken frame
@@ -195,6 +203,7 @@ def test_shards_merge_into_the_file_of_one_run(tmp_path, ckpt):
     assert [Path(s["path"]).name for s in meta["skipped"]] == ["v3"] and "frame 2.png" in meta["skipped"][0]["reason"]
 
 
+@pytest.mark.tokenizer
 def test_video_files_and_frame_folders_with_a_stride(tmp_path, ckpt):
     import av
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)] * 2
@@ -272,6 +281,8 @@ def test_cityscapes_layout_prefers_label_ids_and_maps_them_to_train_ids(tmp_path
     assert (seg[4:, :16] == city[0]).all() and (seg[4:, 16:] == city[13]).all() and (seg[:4] == 0).all()
 
 
+@pytest.mark.tokenizer
+@pytest.mark.data
 def test_toy_world_is_tokenized_into_every_kind_and_its_sequences_pictured(tmp_path, ckpt):
     toyworld.generate(tmp_path / "world", seed=0, workers=1, num_images=10, num_val_images=4, num_videos=2,
                       num_val_videos=1, frames=16)

@@ -1,16 +1,21 @@
 """The whole method end to end: `run_toy.py --quick` (toy world -> VQ-GAN -> tokens -> stage 1 -> stage 2 ->
 evaluation) on tiny budgets. Slow for a unit test (a few minutes), and the one that shows the pieces fit."""
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_pipeline_produces_tables_pictures_and_a_better_sequence_model(tmp_path):
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.data
+@pytest.mark.inference
+def test_quick_pipeline_produces_tables_pictures_and_a_better_sequence_model(tmp_path, run_script):
     out = tmp_path / "toy"
-    subprocess.run([sys.executable, "run_toy.py", "--quick", "--out", str(out)], cwd=ROOT, check=True)
+    run_script([sys.executable, "run_toy.py", "--quick", "--out", str(out)], cwd=ROOT)
     tables = (out / "results.md").read_text()
     assert "| stage 1 + stage 2 (LVM-Lite) |" in tables and "| stage 1 only |" in tables
     results = json.loads((out / "results.json").read_text())
@@ -22,6 +27,5 @@ def test_quick_pipeline_produces_tables_pictures_and_a_better_sequence_model(tmp
     # fine-tuning on sequences is what stage 2 is for: its held-out loss on 16-image sequences must be lower
     assert rows["stage 1 + stage 2 (LVM-Lite)"]["seq_loss"] < rows["stage 1 only"]["seq_loss"]
     # an interrupted or repeated run resumes: every step is found done and only evaluation runs again
-    rerun = subprocess.run([sys.executable, "run_toy.py", "--quick", "--out", str(out)], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout
+    rerun = run_script([sys.executable, "run_toy.py", "--quick", "--out", str(out)], cwd=ROOT).stdout
     assert rerun.count("done already") == 5

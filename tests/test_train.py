@@ -91,6 +91,7 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert schedule(0, f) == pytest.approx(1.5e-5)  # no warm-up in stage 2
 
 
+@pytest.mark.data
 def test_targets_are_the_next_tokens_and_the_last_position_is_ignored():
     inputs, targets = pretrain.micro_batches(np.arange(8).reshape(2, 4), accum=2)
     assert [a.tolist() for a in inputs] == [[[0, 1, 2, 3]], [[4, 5, 6, 7]]]
@@ -109,6 +110,8 @@ def test_images_are_read_once_per_epoch_and_ranks_read_different_images(data):
     assert not np.array_equal(get(256, 8), epoch[:8])  # the next epoch is shuffled anew
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_loss_falls_on_toy_tokens(tmp_path, data):
     pretrain.main(tiny(tmp_path, data, "--max_steps=40", "--eval_interval=40", "--log_interval=5", "--lr=3e-3"))
     train = losses(tmp_path)
@@ -116,6 +119,8 @@ def test_loss_falls_on_toy_tokens(tmp_path, data):
     assert losses(tmp_path, "val_loss")[-1] < train[0] - 1.0
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_resumed_run_repeats_the_unbroken_run_step_for_step(tmp_path, data):
     accumulate = "--micro_batch_size=4"  # 2 micro-batches per step
     pretrain.main(tiny(tmp_path / "unbroken", data, accumulate))
@@ -127,6 +132,8 @@ def test_resumed_run_repeats_the_unbroken_run_step_for_step(tmp_path, data):
     assert losses(tmp_path / "broken", "val_loss") == losses(tmp_path / "unbroken", "val_loss")
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_checkpoint_holds_what_resuming_needs_and_loads_weights_only(tmp_path, data):
     pretrain.main(tiny(tmp_path, data, "--max_steps=3"))
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
@@ -137,6 +144,8 @@ def test_checkpoint_holds_what_resuming_needs_and_loads_weights_only(tmp_path, d
     assert torch.equal(model.output.weight, ckpt["model"]["output.weight"])
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
     pretrain.main(tiny(tmp_path, data, "--max_steps=3"))
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -145,6 +154,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data)
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
+@pytest.mark.decoder
 def test_bad_inputs_stop_with_a_clear_message(tmp_path, data):
     with pytest.raises(SystemExit, match="cannot read the token files .*missing"):
         pretrain.main(tiny(tmp_path, data, f"--data={tmp_path / 'missing'}"))
@@ -163,12 +173,17 @@ def test_bad_inputs_stop_with_a_clear_message(tmp_path, data):
         pretrain.main(tiny(tmp_path / "nothing", data, "--resume"))
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_resuming_with_another_model_size_is_refused(tmp_path, data):
     pretrain.main(tiny(tmp_path, data, "--max_steps=1"))
     with pytest.raises(SystemExit, match=r"holds a different model: dim=128 \(asked: 1024\)"):
         pretrain.main(tiny(tmp_path, data, "--resume", "--size=300M"))
 
 
+@pytest.mark.decoder
+@pytest.mark.data
+@pytest.mark.inference
 def test_metrics_sample_grid_and_hugging_face_export(tmp_path, data):
     pretrain.main(tiny(tmp_path, data, "--max_steps=3", "--num_samples=2", "--export_hf=true",
                        f"--vqgan={FIXTURES / 'muse_vqgan_tiny'}"))
@@ -182,12 +197,16 @@ def test_metrics_sample_grid_and_hugging_face_export(tmp_path, data):
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in exported.state_dict().items())
 
 
+@pytest.mark.decoder
+@pytest.mark.data
+@pytest.mark.inference
 def test_sample_grid_without_vqgan_shows_token_ids(tmp_path, data):
     pretrain.main(tiny(tmp_path, data, "--max_steps=3", "--num_samples=3"))
     # 3 rows x 2 pictures of 4x4 token colours, 2 px apart, scaled x32 to at least 128 px
     assert Image.open(tmp_path / "samples_000003.png").size == (32 * (2 * 4 + 2), 32 * (3 * 4 + 4))
 
 
+@pytest.mark.data
 def test_mixture_draws_each_kind_from_its_data_in_proportion(data):
     c = pretrain.parse_config([f"--tokens_per_image={S}"], finetune.SETTINGS)
     datasets = pretrain.open_token_files(",".join([data["video"], data["pairs"], data["images"]]), c)
@@ -204,6 +223,8 @@ def test_mixture_draws_each_kind_from_its_data_in_proportion(data):
         finetune.parse_mix("videos:1")
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 @pytest.mark.parametrize("source", ["ckpt", "hf"])
 def test_finetune_starts_from_stage1_weights(tmp_path, data, source):
     pretrain.main(tiny(tmp_path / "stage1", data, "--max_steps=2", "--export_hf=true"))
@@ -217,6 +238,9 @@ def test_finetune_starts_from_stage1_weights(tmp_path, data, source):
     assert all(torch.equal(stage1[k], stage2[k]) for k in stage1)  # lr 0: the weights it started from
 
 
+@pytest.mark.decoder
+@pytest.mark.data
+@pytest.mark.inference
 def test_finetune_logs_in_context_accuracy_by_number_of_prompt_pairs(tmp_path, data):
     pretrain.main(tiny(tmp_path / "stage1", data, "--max_steps=1"))
     finetune.main(["--stage=finetune-toy", f"--init_from={tmp_path / 'stage1'}", f"--tokens_per_image={S}",
@@ -229,6 +253,8 @@ def test_finetune_logs_in_context_accuracy_by_number_of_prompt_pairs(tmp_path, d
     assert list(accuracy) == ["0", "1", "2", "4", "7"] and all(0 <= v <= 100 for v in accuracy.values())
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_finetune_resumes_from_its_own_checkpoint_without_init_from(tmp_path, data):
     pretrain.main(tiny(tmp_path / "stage1", data, "--max_steps=1"))
     common = ["--stage=finetune-toy", f"--tokens_per_image={S}", "--images_per_seq=4", "--batch_size=4",
@@ -240,6 +266,8 @@ def test_finetune_resumes_from_its_own_checkpoint_without_init_from(tmp_path, da
     assert [r["step"] for r in map(json.loads, (tmp_path / "stage2" / "metrics.jsonl").open())] == [1, 2]
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_finetune_needs_stage1_weights_of_the_asked_size(tmp_path, data):
     with pytest.raises(SystemExit, match="pass --init_from"):
         finetune.main([f"--data={data['video']}", "--device=cpu"])
@@ -248,6 +276,8 @@ def test_finetune_needs_stage1_weights_of_the_asked_size(tmp_path, data):
         finetune.main([f"--init_from={tmp_path}", "--size=300M", f"--data={data['video']}", "--device=cpu"])
 
 
+@pytest.mark.decoder
+@pytest.mark.data
 def test_speed_benchmark_reports_tokens_per_second(tmp_path, capsys):
     bench_train.main(["--size=tiny", "--device=cpu", "--seq_lens=32", "--micro_batch_sizes=2", "--steps=3",
                       "--warmup=1", f"--out_dir={tmp_path}"])

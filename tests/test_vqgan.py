@@ -47,6 +47,7 @@ def small_model(seed=0):
     return vqgan.VQGAN(TINY).eval()
 
 
+@pytest.mark.tokenizer
 def test_loads_muse_checkpoint_and_reproduces_reference_outputs():
     model = vqgan.load_pretrained(FIXTURES / "muse_vqgan_tiny", device="cpu")
     expected = load_file(str(FIXTURES / "muse_vqgan_tiny" / "expected.safetensors"))
@@ -68,6 +69,7 @@ def test_default_config_has_released_keys_and_shapes():
     assert {k: model.config[k] for k in released["config"]} == released["config"]
 
 
+@pytest.mark.tokenizer
 def test_toy_config_turns_32x32_images_into_16_codes_of_512():
     model = vqgan.VQGAN(vqgan.CONFIGS["toy"]).eval()
     codes = model.encode(torch.rand(3, 3, 32, 32))
@@ -75,6 +77,7 @@ def test_toy_config_turns_32x32_images_into_16_codes_of_512():
     assert model.decode(codes).shape == (3, 3, 32, 32)
 
 
+@pytest.mark.tokenizer
 def test_a_patch_codec_codes_each_patch_from_that_patch_alone():
     model = vqgan.VQGAN(vqgan.CONFIGS["toy"]).eval()
     x = torch.rand(2, 3, 32, 32)
@@ -87,6 +90,7 @@ def test_a_patch_codec_codes_each_patch_from_that_patch_alone():
     assert len(codes[:2].unique()) == 1 and len(codes[2:, 2:].unique()) == 1
 
 
+@pytest.mark.tokenizer
 def test_pca_and_kmeans_init_make_a_patch_codec_good_before_any_step():
     import toyworld
     images = torch.from_numpy(np.stack([toyworld.make_image(np.random.default_rng(i), 32)[k] for i in range(300)
@@ -105,6 +109,7 @@ def test_spread_picks_takes_distinct_points_before_repeating_any():
     assert len(picks.unique(dim=0)) == 5
 
 
+@pytest.mark.tokenizer
 def test_codes_are_row_major_and_non_square_images_work():
     model = small_model()
     pixels = torch.rand(2, 3, 16, 32)
@@ -129,6 +134,7 @@ def test_encode_rejects_uint8_and_wrong_sizes_with_clear_errors():
         model.decode(torch.full((1, 64), 64))
 
 
+@pytest.mark.tokenizer
 def test_straight_through_gradient_reaches_encoder_unchanged():
     model = small_model().train()
     z = model.latents(torch.rand(2, 3, 16, 16))
@@ -144,6 +150,19 @@ def test_straight_through_gradient_reaches_encoder_unchanged():
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.tokenizer
+def test_quantizer_losses_and_codes_of_hand_built_latents():
+    q = vqgan.VectorQuantizer(3, 2, beta=0.25)
+    q.embedding.weight.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    z = torch.tensor([[[[0.2, 0.9]], [[0.1, 1.5]]]])  # [1, D=2, h=1, w=2]: latents (0.2, 0.1) and (0.9, 1.5)
+    zq, loss, codes = q(z)
+    assert codes.tolist() == [[0, 2]]
+    torch.testing.assert_close(zq, torch.tensor([[[[0.0, 0.0]], [[0.0, 2.0]]]]))
+    squared = (0.2 ** 2 + 0.1 ** 2 + 0.9 ** 2 + 0.5 ** 2) / 4  # mean over the 4 numbers
+    torch.testing.assert_close(loss, torch.tensor(squared * 1.25))  # codebook term + 0.25 x commitment term
+
+
+@pytest.mark.tokenizer
 def test_l2_normalised_codes_pick_the_most_similar_direction():
     torch.manual_seed(0)
     model = vqgan.VQGAN(dict(TINY, l2_normalize_codes=True))
@@ -169,6 +188,7 @@ def test_dead_codes_restart_onto_current_latents():
     assert all(torch.isclose(code, z).all(1).any() for code in after[10:])
 
 
+@pytest.mark.tokenizer
 def test_diffusers_vqmodel_layout_loads(tmp_path):
     model = small_model()
     n = len(TINY["channel_mult"])
@@ -215,6 +235,7 @@ def train_args(data, out, steps, *extra):
         "--patch_decoder=false", *extra])  # the taming network: GAN, dropout, restarts
 
 
+@pytest.mark.tokenizer
 def test_training_writes_a_loadable_checkpoint_and_resumes_exactly(tmp_path, capsys):
     data = write_shapes(tmp_path / "data", 40)
     unbroken = vqgan.train(train_args(data, tmp_path / "a", 5))
