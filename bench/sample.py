@@ -2,13 +2,16 @@
 Sampling speed: our `generate` (static KV cache, sample.py) against transformers' `generate` on the same weights
 (written with model.save_hf, read back with LlamaForCausalLM.from_pretrained), same prompt, same length, one process.
 
-    OMP_NUM_THREADS=2 python bench/sample.py                               # CPU, tiny random model
+    OMP_NUM_THREADS=2 python bench/sample.py --compile        # CPU: random dim-256 x 6 model, 8192-code vocabulary
+    OMP_NUM_THREADS=2 python bench/sample.py --size tiny --prompt_len 128 --new 128 --compile   # the toy's model
     OMP_NUM_THREADS=1 python bench/sample.py --dim 64 --n_layers 2 --vocab_size 512 --compile   # per-token overhead
     python bench/sample.py --device cuda --size 300M --batch 1 32 --compile --skip_hf
 
-At batch 1 on a CPU the tiny model's step is mostly reading its 27 MB of float32 weights from memory, which both
-implementations must do; the smaller model shows the per-token overhead of each loop instead. Wall times on a shared
-machine vary with the load; the process CPU time printed beside them is steadier.
+At batch 1 on a CPU the default model's decode step is 43 matrix-vector products over 27 MB of float32 weights
+(which both implementations must do) plus about 180 small operations whose cost is mostly PyTorch's per-call
+dispatch; the smaller models show each loop's per-token overhead. Wall times on a shared machine vary with the load:
+the runs take turns, the median is the figure, the slowest-fastest range the spread, and the process CPU time
+printed beside them is steadier still.
 
 On GPU it also prints the memory-bandwidth bound: every decode step reads all parameters once, so a batch of B
 cannot beat B * HBM bandwidth / parameter bytes tokens/s (plus the key/value cache it reads, shown beside it).
@@ -43,8 +46,8 @@ def sync(device):
 
 def interleaved(runners, device, repeats):
     """Time each runner `repeats` times, taking turns so that load from other work on a shared machine hits all of
-    them alike. Per runner: best (least disturbed) and median wall time, least process CPU time (on a CPU shared
-    with other jobs the cleanest measure of the work done), last output."""
+    them alike. Per runner: the wall times of its runs (round by round), its least process CPU time (on a CPU
+    shared with other jobs the cleanest measure of the work done), its last output."""
     times, cpu, outputs = {label: [] for label in runners}, {label: [] for label in runners}, {}
     for _ in range(repeats):
         for label, fn in runners.items():
@@ -54,7 +57,7 @@ def interleaved(runners, device, repeats):
             sync(device)
             times[label].append(time.perf_counter() - t0)
             cpu[label].append(time.process_time() - c0)
-    return {label: (min(t), statistics.median(t), min(cpu[label]), outputs[label]) for label, t in times.items()}
+    return {label: (t, min(cpu[label]), outputs[label]) for label, t in times.items()}
 
 
 def hbm_bandwidth(device, override):
@@ -82,7 +85,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="also measure the compiled decode step")
     p.add_argument("--skip_hf", action="store_true", help="do not run transformers (e.g. large models on GPU)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved; best reported")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each, interleaved; median reported")
     p.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth in TB/s if the GPU is not known")
     args = p.parse_args()
 
@@ -141,20 +144,24 @@ def main():
         for fn in runners.values():  # warm-up: allocator, thread pools, HF's static cache
             fn()
         results = interleaved(runners, device, args.repeats)
-        print(f"\nbatch {B} (best of {args.repeats} interleaved runs; median in brackets; load average "
+        print(f"\nbatch {B} (median of {args.repeats} interleaved runs, slowest-fastest in brackets; load average "
               f"{os.getloadavg()[0]:.1f}):")
         on_cpu = device.type == "cpu"
-        for label, (best, median, cpu, out) in results.items():
+        for label, (walls, cpu, out) in results.items():
             assert out.shape == (B, args.prompt_len + args.new)
-            print(f"  {label:28s} {B * args.new / best:9.1f} tokens/s ({B * args.new / median:.1f})   "
-                  f"{best:7.3f} s per {args.new} tokens = {best / B:.4f} s per image at batch {B}"
+            median = statistics.median(walls)
+            print(f"  {label:28s} {B * args.new / median:9.1f} tokens/s ({B * args.new / max(walls):.1f}-"
+                  f"{B * args.new / min(walls):.1f})   {median:7.3f} s per {args.new} tokens = "
+                  f"{median / B:.4f} s per image at batch {B}"
                   + (f"   CPU time {cpu / args.new * 1e3:.2f} ms per step" if on_cpu else ""))
-        if hf is not None:
-            hf_best, hf_median, hf_cpu, _ = results["transformers"]
-            for label, (best, median, cpu, _) in results.items():
+        if hf is not None:  # speed-up round by round: the runs of one round met the same load
+            hf_walls, hf_cpu, _ = results["transformers"]
+            for label, (walls, cpu, _) in results.items():
                 if label.startswith("ours"):
-                    print(f"  {label} / transformers: {hf_best / best:.2f}x tokens/s (median {hf_median / median:.2f}x"
-                          + (f", CPU time {hf_cpu / cpu:.2f}x)" if on_cpu else ")"))
+                    ratios = [theirs / ours for theirs, ours in zip(hf_walls, walls)]
+                    print(f"  {label} / transformers: {statistics.median(ratios):.2f}x tokens/s (median; rounds "
+                          f"{min(ratios):.2f}-{max(ratios):.2f}x"
+                          + (f"; CPU time {hf_cpu / cpu:.2f}x)" if on_cpu else ")"))
         if bw:
             cache_len = args.prompt_len + args.new
             kv_bytes = 2 * margs.n_layers * margs.n_kv_heads * margs.head_dim * cache_len * B * dtype.itemsize
