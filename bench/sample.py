@@ -95,7 +95,9 @@ def main():
     tiny = {**TINY, **{k: getattr(args, k) for k in ("dim", "n_layers", "vocab_size") if getattr(args, k)}}
     tiny["hidden_dim"] = (8 * tiny["dim"] // 3 + 15) // 16 * 16  # LLaMA's SwiGLU width, 8/3 d rounded up: 688
     margs = ModelArgs(**(MODEL_SIZES[args.size] if args.size else tiny))
-    model = Transformer(margs).to(device=device, dtype=dtype).eval()
+    with device:  # built where it runs: a 7B model's random init on a CPU would take minutes
+        model = Transformer(margs)
+    model = model.to(dtype=dtype).eval()
     n_params = model.num_params()
     # bytes each decode step must read: every weight but the input embedding table (one row per token)
     param_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "tok_emb" not in n)

@@ -5,9 +5,12 @@ same process, steps interleaved so both see the same machine load.
     python bench/step.py                          # CPU, a small model, eager
     python bench/step.py --compile                # also torch.compile (ours and theirs)
     python bench/step.py --device cuda --size 300M --batch_size 8 --seq_len 4096 --dtype bfloat16
+    python bench/step.py --device cuda --size 300M --batch_size 8 --seq_len 1024 --dtype bfloat16 --compile --profile
 
 A step is forward + loss + backward + AdamW update. Prints tokens/s of each and the ratio ours / transformers.
-On CUDA it also prints MFU (FLOPs per token = 3 x forward FLOPs, peak bf16 by device name).
+On CUDA it also prints MFU (FLOPs per token = 3 x forward FLOPs, peak bf16 by device name). --profile then runs
+three more steps of our (compiled, if asked) model under torch.profiler and prints where the time went, the
+kernels with the most device time (CPU time on a CPU): where to look before changing anything.
 """
 import argparse
 import sys
@@ -47,6 +50,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of three of our steps")
     opt = p.parse_args()
     import transformers
 
@@ -92,7 +96,22 @@ def main():
         print(f"{name:>22}: {tps:10.0f} tokens/s{mfu}")
     print(f"ratio ours / transformers (eager): {seconds['transformers'] / seconds['ours']:.2f}x")
     if opt.compile:
+        print(f"ratio ours+compile / transformers+compile: "
+              f"{seconds['transformers+compile'] / seconds['ours+compile']:.2f}x")
         print(f"ratio ours+compile / ours (eager): {seconds['ours'] / seconds['ours+compile']:.2f}x")
+    if opt.profile:
+        name = "ours+compile" if opt.compile else "ours"
+        model, a, b, _ = contenders[name]
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if opt.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(3):
+                train_step(model, optimizers[name], a, b, autocast_dtype, True)
+            sync()
+        key = "self_cuda_time_total" if opt.device == "cuda" else "self_cpu_time_total"
+        print(f"\n{name}, 3 steps under the profiler, by {key}:")
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU speed checks in one go, for a short loan of one GPU (about 10 minutes of commands): batch-1 sampling
+# of the 300M, 1B and LVM-7B shapes against the memory-bandwidth bound, transformers' generate with its static
+# cache beside ours, the training step against transformers (both compiled) with a profile of ours, and the
+# training loop's MFU at 256 and 4096 tokens. Each check has its own time limit, so one slow compile cannot
+# take the rest down; the logs go to $OUT (default gpu-logs/).
+#
+#     bash bench/gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-logs}
+mkdir -p "$out"
+check() {  # check NAME SECONDS COMMAND...: run, log, never stop the script
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "   exit $? after ${SECONDS}s in all; tail of $out/$name.log:"
+  grep -v -i "warn" "$out/$name.log" | tail -n 12 | sed 's/^/   /'
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+check sample-300M 150 python bench/sample.py --device cuda --size 300M --batch 1 --compile
+check sample-1B 100 python bench/sample.py --device cuda --size 1B --batch 1 --compile --skip_hf --repeats 3
+check sample-7B 120 python bench/sample.py --device cuda --size lvm-7b --batch 1 --compile --skip_hf --repeats 3
+check step-300M 150 python bench/step.py --device cuda --size 300M --batch_size 8 --seq_len 1024 \
+  --dtype bfloat16 --compile --profile
+check train-300M 180 python bench/train.py --size=300M --steps=20 --warmup=8
