@@ -34,13 +34,15 @@ from sample import load_model
 
 # Budgets in steps, not minutes, so runs are repeatable. "cpu" fits 15 minutes on the slower 2-core
 # machines (about 7 on the faster ones); "gpu" is meant for 10 minutes on one H100.
+# the recipe's stage-2 mixture: half videos, half "image, annotation" pairs of the three tasks
+RECIPE_MIX = "natural:1,discriminative:1"
 PROFILES = {
     "cpu": dict(device="cpu", size="tiny",
                 world=dict(num_images=10000, num_val_images=200, num_videos=1000,
                            num_val_videos=100, frames=20),
                 vqgan=dict(max_steps=200, batch_size=16),
                 stage1=dict(max_steps=200, batch_size=128),
-                stage2=dict(max_steps=1500, batch_size=8), mix="natural:1,discriminative:1",
+                stage2=dict(max_steps=1500, batch_size=8), mix=RECIPE_MIX,
                 queries=96, videos=100, ablation_stage2_steps=600, num_samples=8),
     "gpu": dict(device="cuda", size="small",
                 world=dict(num_images=40000, num_val_images=200, num_videos=4000,
@@ -48,20 +50,20 @@ PROFILES = {
                 vqgan=dict(max_steps=400, batch_size=64),
                 stage1=dict(max_steps=1000, batch_size=512, lr=1e-3),
                 stage2=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4),
-                mix="natural:1,discriminative:1",
+                mix=RECIPE_MIX,
                 queries=192, videos=100, ablation_stage2_steps=1000, num_samples=8),
     "quick": dict(device="cpu", size="tiny",
                   world=dict(num_images=300, num_val_images=40, num_videos=20,
                              num_val_videos=6, frames=20),
                   vqgan=dict(max_steps=20, batch_size=16), stage1=dict(max_steps=30, batch_size=32),
-                  stage2=dict(max_steps=20, batch_size=8), mix="natural:1,discriminative:1",
+                  stage2=dict(max_steps=20, batch_size=8), mix=RECIPE_MIX,
                   queries=4, videos=4, ablation_stage2_steps=10, num_samples=2),
 }
 # Table 5's rows: which sequence kinds stage 2 mixes, with what weights
 # ("natural+discriminative" is the recipe)
 MIXTURES = {"natural": "natural:1", "generative": "generative:1",
             "discriminative": "discriminative:1",
-            "natural+discriminative": "natural:1,discriminative:1",
+            "natural+discriminative": RECIPE_MIX,
             "natural+generative+discriminative": "natural:2,generative:1,discriminative:2",
             "all + random": "natural:2,generative:1,discriminative:2,random:1"}
 ANNOTATIONS = ("segmentation", "edges", "depth")  # the toy world's tasks, all in stage 2
