@@ -32,7 +32,8 @@ ASSIGNMENTS = {
             "model.py:precompute_rope": "the cos/sin tables of rotary embeddings, in the rotate-half layout",
             "model.py:apply_rope": "rotate each pair (x_i, x_{i+d/2}) by its position's angle",
             "model.py:KVCache.update": "write k and v at input_pos into the cache, return the whole cache",
-            "model.py:Attention.forward": "causal softmax(q k^T / sqrt(d)) v with RoPE, the cache and grouped heads",
+            "model.py:Attention.forward": "causal softmax(q k^T / sqrt(d)) v with RoPE, grouped heads and the "
+                                          "cache (the slots the mask covers)",
             "model.py:FeedForward.forward": "SwiGLU: w2(silu(w1 x) * w3 x)",
         },
         graded_by="logits equal to transformers' LlamaForCausalLM on the same weights; causality; cached "
@@ -70,7 +71,8 @@ ASSIGNMENTS = {
         paper="2.1 (generation: top-K sampling at temperature T), 2.4 and A.2 (prompts; the segmentation "
               "map read by the nearest palette colour; mIoU)",
         functions={
-            "sample.py:sample_next": "softmax(logits / T) over the top-k largest (argmax when T ~ 0)",
+            "sample.py:sample_next": "softmax(logits / T) over the top-k largest (argmax when T ~ 0), drawn "
+                                     "by the exponential race",
             "sample.py:generate": "prefill the cache, then one token per step; slide the window image by image",
             "metrics.py:colors_to_classes": "the nearest palette colour of each pixel",
             "metrics.py:confusion_matrix": "counts of (true class, predicted class) over the labelled pixels",

@@ -113,8 +113,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            # attend over the whole cache, masked to the past
+            # attend over the cache slots the mask covers (the filled ones when decoding eagerly, the
+            # whole static cache in a compiled step), masked to the past
             k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         # grouped-query attention: each kv head serves n_heads/n_kv_heads queries
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -185,10 +187,13 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, input_pos=None):
+    def forward(self, idx, targets=None, input_pos=None, kv_len=None):
         """idx: [B, T] token ids. Training: positions 0..T-1, returns (logits [B, T, V], mean
         cross-entropy). Generation: input_pos [T] gives the absolute positions of idx; keys/values
-        go into the cache."""
+        go into the cache, and only the last position's logits [B, 1, V] come back (all that
+        choosing the next token needs). kv_len: attend to the first kv_len cache slots only (the
+        filled ones: less memory to read per token); None reads the whole cache, the fixed shapes a
+        compiled step needs."""
         T = idx.shape[1]
         if input_pos is None:
             if T > self.args.max_seq_len:
@@ -200,10 +205,13 @@ class Transformer(nn.Module):
                 raise RuntimeError("call model.setup_cache(batch_size, max_seq_len) before "
                                    "decoding with input_pos")
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            mask = self.causal_mask[input_pos]  # [T, cache_len]: position p sees cache slots <= p
+            # [T, kv_len]: position p sees cache slots <= p
+            mask = self.causal_mask[input_pos, :kv_len]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)
+        if input_pos is not None:  # generating: the output head on the last position only
+            x = x[:, -1:]
         logits = self.output(self.norm(x))
         loss = None
         if targets is not None:  # the autoregressive loss: mean of -log p(z_{m+1} | z_{1..m})

@@ -21,6 +21,7 @@ Other code samples through the same functions: `generate` (tokens -> tokens, KV-
 `load_model`.
 """
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -39,10 +40,11 @@ VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif"}
 # choosing the next token
 
 
-def sample_next(logits, temperature=1.0, top_k=100, codebook_size=None, generator=None):
+def sample_next(logits, temperature=1.0, top_k=100, codebook_size=None, generator=None, noise=None):
     """logits [B, V] -> next token ids [B]: softmax(logits / T) over the top_k largest, or argmax
     when T <= 1e-5. codebook_size: only ids below it (image codes) can come out, e.g. 8192 of LVM's
-    8292-token vocabulary."""
+    8292-token vocabulary. noise: the Exp(1) draws to use, [B, num_candidates(...)] float32; drawn
+    from generator when None (a compiled step takes them as an input instead)."""
     if codebook_size is not None:
         # the same as -inf logits for the unused slots, without the work
         logits = logits[:, :codebook_size]
@@ -57,9 +59,16 @@ def sample_next(logits, temperature=1.0, top_k=100, codebook_size=None, generato
     probs = torch.softmax(logits, dim=-1)
     # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race); unlike torch.multinomial it
     # never synchronises with the GPU, so decoding can run ahead of the device
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
     choice = (probs / noise).argmax(-1)
     return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def num_candidates(vocab_size, top_k=100, codebook_size=None):
+    """How many tokens sample_next draws among: top_k, or every allowed id."""
+    allowed = min(vocab_size, codebook_size or vocab_size)
+    return min(top_k, allowed) if top_k else allowed
 
 
 # -----------------------------------------------------------------------------
@@ -84,27 +93,31 @@ def prefill(model, tokens):
     """Run a whole context [B, T] at positions 0..T-1, filling the cache; logits of its last
     position [B, V]."""
     input_pos = torch.arange(tokens.shape[1], device=tokens.device)
-    return model(tokens, input_pos=input_pos)[0][:, -1]
+    return model(tokens, input_pos=input_pos, kv_len=tokens.shape[1])[0][:, -1]
 
 
-def decode_one_token(model, token, input_pos):
-    """One new token [B, 1] at position input_pos [1], attending to the cache; logits [B, V]."""
-    return model(token, input_pos=input_pos)[0][:, -1]
+def decode_one_token(model, token, input_pos, kv_len=None, **sampling):
+    """One token [B, 1] at position input_pos [1], attending to the first kv_len cache slots (None:
+    all of them), and the token that follows it [B], chosen by sample_next(logits, **sampling)."""
+    return sample_next(model(token, input_pos=input_pos, kv_len=kv_len)[0][:, -1], **sampling)
 
 
 _compiled_decode = None
 
 
 def _decode_fn(device, compile):
-    """The decode step, compiled once per process when asked (CUDA graphs on GPU remove the
-    per-kernel launch cost that dominates small-batch decoding). Shapes stay fixed: [B, 1] token,
-    [1] position, static cache."""
+    """The decode step, model and sampling, compiled once per process when asked (CUDA graphs on GPU
+    remove the per-kernel launch cost that dominates small-batch decoding). Shapes stay fixed:
+    [B, 1] token, [1] position, static cache, [B, candidates] noise."""
     global _compiled_decode
     if not compile:
         return decode_one_token
     if _compiled_decode is None:
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        _compiled_decode = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+        if device.type == "cuda":  # the whole step recorded as one CUDA graph, replayed per token
+            how = dict(mode="reduce-overhead")
+        else:  # the step's kernels called from generated C++ rather than a Python wrapper
+            how = dict(options={"cpp_wrapper": True})
+        _compiled_decode = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **how)
     return _compiled_decode
 
 
@@ -165,22 +178,35 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
     allocated = _ensure_cache(model, B, cache_len)  # once per call, never per token
     step = _decode_fn(device, compile)
     input_pos = torch.zeros(1, dtype=torch.long, device=device)
+    # one token's Exp(1) draws, refilled in place from `generator` before each token: the compiled
+    # step samples inside its graph from a fixed input (greedy decoding needs none)
+    noise = None
+    if temperature > 1e-5:
+        noise = torch.empty(B, num_candidates(model.args.vocab_size, top_k, codebook_size),
+                            device=device)
+    sampling = dict(temperature=temperature, top_k=top_k, codebook_size=codebook_size, noise=noise)
 
-    start = window_start(T, max_len, tokens_per_image)
-    logits = prefill(model, seq[:, start:T])
-    for cur in tqdm(range(T, total), desc="generating", unit="tok", disable=not progress,
-                    leave=False):
-        if cur > T:
+    start, guarded = None, True
+    with contextlib.ExitStack() as unguarded:
+        for cur in tqdm(range(T, total), desc="generating", unit="tok", disable=not progress,
+                        leave=False):
+            if noise is not None:
+                noise.exponential_(1, generator=generator)
             new_start = window_start(cur, max_len, tokens_per_image)
-            # the window is full: slide it by an image and re-run what is kept
-            if new_start != start:
+            if new_start != start:  # the prompt, or the full window slid by an image: (re)fill
                 start = new_start
-                logits = prefill(model, seq[:, start:cur])
+                token = sample_next(prefill(model, seq[:, start:cur]), **sampling)
             else:
                 input_pos.fill_(cur - 1 - start)
-                logits = step(model, token[:, None], input_pos)
-        token = sample_next(logits, temperature, top_k, codebook_size, generator)
-        seq[:, cur] = token
+                # eager steps read only the filled cache slots; a compiled one keeps its shapes
+                token = step(model, seq[:, cur - 1:cur], input_pos, None if compile else cur - start,
+                             **sampling)
+                if compile and guarded:
+                    # the first compiled step checked its guards (model, cache, shapes); the later
+                    # ones make the very same call, so they skip that per-token check
+                    unguarded.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+                    guarded = False
+            seq[:, cur] = token
     # a compiled step keeps its cache (and CUDA graphs) for the next call
     if allocated and not compile:
         model.clear_cache()

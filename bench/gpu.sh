@@ -20,9 +20,12 @@ check() {  # check NAME SECONDS COMMAND...: run, log, never stop the script
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-check sample-300M 150 python bench/sample.py --device cuda --size 300M --batch 1 --compile
+# perf_hints: torch.compile says here if it could not record CUDA graphs (and why); --profile: kernels vs wall
+export TORCH_LOGS=perf_hints,recompiles
+check sample-300M 150 python bench/sample.py --device cuda --size 300M --batch 1 --compile --profile
 check sample-1B 100 python bench/sample.py --device cuda --size 1B --batch 1 --compile --skip_hf --repeats 3
 check sample-7B 120 python bench/sample.py --device cuda --size lvm-7b --batch 1 --compile --skip_hf --repeats 3
+unset TORCH_LOGS
 check step-300M 150 python bench/step.py --device cuda --size 300M --batch_size 8 --seq_len 1024 \
   --dtype bfloat16 --compile --profile
 check train-300M 180 python bench/train.py --size=300M --steps=20 --warmup=8

@@ -13,8 +13,12 @@ dispatch; the smaller models show each loop's per-token overhead. Wall times on 
 the runs take turns, the median is the figure, the slowest-fastest range the spread, and the process CPU time
 printed beside them is steadier still.
 
-On GPU it also prints the memory-bandwidth bound: every decode step reads all parameters once, so a batch of B
-cannot beat B * HBM bandwidth / parameter bytes tokens/s (plus the key/value cache it reads, shown beside it).
+Every decode step reads all parameters once, so a batch of B cannot beat a floor set by memory. On GPU it prints
+that bound, B * HBM bandwidth / parameter bytes tokens/s (plus the key/value cache it reads, shown beside it). On
+a CPU it times the floor: the step's matrix products alone, every weight read once in the same order and nothing
+else. transformers' time per token over that floor is the most any loop could gain on it on this machine.
+--profile runs one more generate call (the compiled one when asked) under torch.profiler and prints where the
+time went: on GPU, whether kernels or launches fill the step.
 """
 import argparse
 import sys
@@ -25,6 +29,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -60,6 +65,22 @@ def interleaved(runners, device, repeats):
     return {label: (t, min(cpu[label]), outputs[label]) for label, t in times.items()}
 
 
+def matvec_floor(model, batch, device, repeats=200):
+    """Seconds per decode step for its matrix products alone: one [B, 1, d] input through every weight matrix
+    but the embedding table (one row of it is read per token), in the model's order."""
+    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and "tok_emb" not in name]
+    inputs = {w.shape[1]: torch.randn(batch, 1, w.shape[1], dtype=w.dtype, device=device) for w in weights}
+    with torch.inference_mode():
+        for i in range(repeats + 20):  # 20 warm-up rounds
+            if i == 20:
+                sync(device)
+                t0 = time.perf_counter()
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+        sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
 def hbm_bandwidth(device, override):
     if override:
         return override * 1e12
@@ -87,6 +108,8 @@ def main():
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each, interleaved; median reported")
     p.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth in TB/s if the GPU is not known")
+    p.add_argument("--profile", action="store_true", help="profile one more generate call (the compiled one with "
+                   "--compile) and print its top operations")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -174,6 +197,30 @@ def main():
                   f"{B * bw / (param_bytes + kv_bytes):.0f} tokens/s")
         elif device.type == "cuda":
             print("  bandwidth bound: unknown GPU, pass --hbm_tbps")
+        if device.type == "cpu":
+            floor = matvec_floor(model, B, device)
+            print(f"  floor: the step's matrix products alone take {floor * 1e3:.2f} ms (every weight read once) -> "
+                  f"{B / floor:.0f} tokens/s at most"
+                  + (f"; transformers' time per token is {statistics.median(results['transformers'][0]) / args.new / floor:.2f}x "
+                     "that, the most any loop could gain on it here" if hf is not None else ""))
+        if args.profile:
+            label = "ours (compiled)" if args.compile else "ours (eager)"
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.profiler.profile(activities=activities) as prof:
+                runners[label]()
+                sync(device)
+            wall = time.perf_counter() - t0
+            events = prof.key_averages()
+            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"\n{label}, one generate call under the profiler ({wall:.3f} s wall), by {key}:")
+            print(events.table(sort_by=key, row_limit=25, max_name_column_width=70))
+            if device.type == "cuda":  # kernels far below the wall time: the GPU waits on launches
+                busy = sum(e.self_device_time_total for e in events) / 1e6
+                print(f"GPU kernels {busy:.3f} s of {wall:.3f} s wall ({100 * busy / wall:.0f}% busy)")
 
 
 if __name__ == "__main__":

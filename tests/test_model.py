@@ -71,15 +71,17 @@ def test_changing_a_token_never_changes_earlier_logits(n_kv_heads):
 
 @pytest.mark.decoder
 @pytest.mark.parametrize("n_kv_heads", [4, 1])
-def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
+@pytest.mark.parametrize("kv_len", [lambda t: None, lambda t: t + 1], ids=["whole cache", "filled slots"])
+def test_kv_cache_decoding_equals_full_forward(n_kv_heads, kv_len):
     model = small_model(n_kv_heads=n_kv_heads)
     idx = torch.randint(0, 100, (3, 24))
     full = model(idx)[0]
     model.setup_cache(batch_size=3, max_seq_len=32)
     prefill = model(idx[:, :8], input_pos=torch.arange(8))[0]  # a prompt at once, then one token at a time
-    steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(8, 24)]
+    assert prefill.shape == (3, 1, 100)  # generating: the last position's logits only
+    steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]), kv_len=kv_len(t))[0] for t in range(8, 24)]
     cached = torch.cat([prefill] + steps, dim=1)
-    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached, full[:, 7:], rtol=0, atol=1e-5)
     model.clear_cache()
 
 

@@ -120,6 +120,19 @@ def test_cache_is_allocated_once_per_call_and_released(monkeypatch):
 
 @pytest.mark.decoder
 @pytest.mark.inference
+def test_compiled_generation_equals_eager_for_each_model_and_shape():
+    """One compiled decode step (model and sampling in one graph, guards checked on each call's first
+    step) serves several models and batch sizes, token for token as the eager loop."""
+    a, b = small_model(0), small_model(1)  # same shapes, other weights: the step must read each one's
+    prompt = torch.randint(0, 100, (2, 10))
+    for model, batch, temperature in [(a, 2, 0.0), (b, 2, 1.0), (a, 1, 1.0)]:
+        run = lambda compile: generate(model, prompt[:batch], 60, temperature, top_k=20, compile=compile,
+                                       generator=torch.Generator().manual_seed(3), tokens_per_image=8)
+        assert torch.equal(run(compile=True), run(compile=False))
+
+
+@pytest.mark.decoder
+@pytest.mark.inference
 def test_seeds_make_batched_samples_reproducible_and_distinct():
     model = small_model()
     prompt = torch.randint(0, 100, (1, 6)).expand(4, -1)
