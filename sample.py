@@ -199,7 +199,7 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
             else:
                 input_pos.fill_(cur - 1 - start)
                 # eager steps read only the filled cache slots; a compiled one keeps its shapes
-                token = step(model, seq[:, cur - 1:cur], input_pos, None if compile else cur - start,
+                token = step(model, token[:, None], input_pos, None if compile else cur - start,
                              **sampling)
                 if compile and guarded:
                     # the first compiled step checked its guards (model, cache, shapes); the later

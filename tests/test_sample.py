@@ -129,6 +129,9 @@ def test_compiled_generation_equals_eager_for_each_model_and_shape():
         run = lambda compile: generate(model, prompt[:batch], 60, temperature, top_k=20, compile=compile,
                                        generator=torch.Generator().manual_seed(3), tokens_per_image=8)
         assert torch.equal(run(compile=True), run(compile=False))
+    with torch.compiler.set_stance("fail_on_recompile"):  # other lengths, same shapes: the same compiled step
+        for new in (30, 50):
+            generate(a, prompt[:1], new, 1.0, top_k=20, compile=True, tokens_per_image=8)
 
 
 @pytest.mark.decoder
