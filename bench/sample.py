@@ -21,6 +21,7 @@ else. transformers' time per token over that floor is the most any loop could ga
 time went: on GPU, whether kernels or launches fill the step.
 """
 import argparse
+import ast
 import sys
 from pathlib import Path
 import os
@@ -29,6 +30,7 @@ import tempfile
 import time
 
 import torch
+import torch._inductor.config  # noqa: F401 (--inductor sets it)
 import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
@@ -108,11 +110,16 @@ def main():
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each, interleaved; median reported")
     p.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth in TB/s if the GPU is not known")
+    p.add_argument("--inductor", nargs="+", default=[], metavar="NAME=VALUE", help="torch._inductor.config "
+                   "settings for the compiled step, e.g. coordinate_descent_tuning=True max_autotune=True")
     p.add_argument("--profile", action="store_true", help="profile one more generate call (the compiled one with "
                    "--compile) and print its top operations")
     args = p.parse_args()
 
     device = torch.device(args.device)
+    for setting in args.inductor:  # e.g. coordinate_descent_tuning=True
+        name, _, value = setting.partition("=")
+        setattr(torch._inductor.config, name, ast.literal_eval(value))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
     tiny = {**TINY, **{k: getattr(args, k) for k in ("dim", "n_layers", "vocab_size") if getattr(args, k)}}
