@@ -199,9 +199,10 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
                 token = sample_next(prefill(model, seq[:, start:cur]), **sampling)
             else:
                 input_pos.fill_(cur - 1 - start)
-                # eager steps read only the filled cache slots; a compiled one keeps its shapes
+                # eager steps read only the filled cache slots; a compiled one keeps its shapes (and
+                # its CUDA graph's output is overwritten by the next replay: hence the copy)
                 token = step(model, token[:, None], input_pos, None if compile else cur - start,
-                             **sampling)
+                             **sampling).clone()
                 if compile and guarded:
                     # the first compiled step checked its guards (model, cache, shapes); the later
                     # ones make the very same call, so they skip that per-token check
