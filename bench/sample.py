@@ -206,10 +206,12 @@ def main():
             print("  bandwidth bound: unknown GPU, pass --hbm_tbps")
         if device.type == "cpu":
             floor = matvec_floor(model, B, device)
-            print(f"  floor: the step's matrix products alone take {floor * 1e3:.2f} ms (every weight read once) -> "
-                  f"{B / floor:.0f} tokens/s at most"
-                  + (f"; transformers' time per token is {statistics.median(results['transformers'][0]) / args.new / floor:.2f}x "
-                     "that, the most any loop could gain on it here" if hf is not None else ""))
+            line = (f"  floor: the step's matrix products alone take {floor * 1e3:.2f} ms (every weight read once) "
+                    f"-> {B / floor:.0f} tokens/s at most")
+            if hf is not None:
+                hf_step = statistics.median(results["transformers"][0]) / args.new
+                line += f"; transformers' time per token is {hf_step / floor:.2f}x that, the most any loop could gain"
+            print(line)
         if args.profile:
             label = "ours (compiled)" if args.compile else "ours (eager)"
             activities = [torch.profiler.ProfilerActivity.CPU]
