@@ -113,8 +113,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            # attend over the cache slots the mask covers (the filled ones when decoding eagerly, the
-            # whole static cache in a compiled step), masked to the past
+            # attend over the cache slots the mask covers (the filled ones when decoding eagerly,
+            # the whole static cache in a compiled step), masked to the past
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         # grouped-query attention: each kv head serves n_heads/n_kv_heads queries
