@@ -92,7 +92,7 @@ def hbm_bandwidth(device, override):
     return next((tb * 1e12 for key, tb in HBM_TBPS.items() if key in name), None)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Tokens/s of our KV-cached generate vs transformers' generate.")
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", default=None, choices=sorted(MODEL_SIZES), help="a configs size (default: a tiny "
@@ -114,7 +114,7 @@ def main():
                    "settings for the compiled step, e.g. coordinate_descent_tuning=True max_autotune=True")
     p.add_argument("--profile", action="store_true", help="profile one more generate call (the compiled one with "
                    "--compile) and print its top operations")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     device = torch.device(args.device)
     for setting in args.inductor:  # e.g. coordinate_descent_tuning=True

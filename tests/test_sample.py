@@ -7,6 +7,7 @@ from PIL import Image
 
 import sample
 import vqgan
+from bench import sample as bench_sample
 from model import ModelArgs, Transformer, save_hf
 from sample import (generate, images_to_tokens, load_model, sample_images, sample_next, save_grid, tokens_to_images,
                     window_start)
@@ -274,3 +275,15 @@ def test_cli_rejects_bad_input_with_one_line(toy, tmp_path, capsys):
     assert e.value.code == 2 and "pairs" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not found"):
         sample.main(["--model", str(tmp_path / "nope"), "--vqgan", str(toy / "vqgan"), "--unconditional"])
+
+
+@pytest.mark.decoder
+@pytest.mark.inference
+def test_sampling_benchmark_reports_both_loops_the_floor_and_a_profile(capsys):
+    bench_sample.main(["--dim=32", "--n_layers=1", "--vocab_size=64", "--prompt_len=8", "--new=8", "--repeats=1",
+                       "--compile", "--profile"])
+    out = capsys.readouterr().out
+    assert "greedy agreement with transformers over 32 tokens: 100.0%" in out
+    for line in ("ours (compiled) / transformers:", "floor: the step's matrix products alone take",
+                 "ours (compiled), one generate call under the profiler"):
+        assert line in out
