@@ -96,34 +96,50 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class Linear(nn.Linear):
+    """y = x W^T, no bias (nn.Linear's weight layout: checkpoints load as they are). In a compiled
+    CPU graph a single row (batch-1 decoding) is written as multiply-and-sum, which the compiler
+    fuses into one pass over W at memory speed; the BLAS matrix-vector product it would call instead
+    streams W several times slower on some CPUs (bench/sample.py times both)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        return F.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim)
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None, kv_len=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            # attend over the cache slots the mask covers (the filled ones when decoding eagerly,
-            # the whole static cache in a compiled step), masked to the past
+            # attend over the first kv_len cache slots (the filled ones), or the whole static
+            # cache (a compiled step's fixed shapes; the mask hides the future)
             k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         # grouped-query attention: each kv head serves n_heads/n_kv_heads queries
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        # softmax(q k^T / sqrt(d)) v with a causal mask; flash kernels on GPU
+        # softmax(q k^T / sqrt(d)) v with a causal mask; flash kernels on GPU. No mask: the queries
+        # are the last T keys, so causal when they are all of them, and one new token sees every key
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -134,9 +150,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim, hidden_dim):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = Linear(dim, hidden_dim)
+        self.w2 = Linear(hidden_dim, dim)
+        self.w3 = Linear(dim, hidden_dim)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -152,8 +168,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, input_pos=None, mask=None, kv_len=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -165,7 +181,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # untied from the input embedding
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         self.init_rope()
         self.apply(self._init_weights)
         # GPT-2 style: residual projections scaled by 1/sqrt(2 * n_layers)
@@ -191,9 +207,9 @@ class Transformer(nn.Module):
         """idx: [B, T] token ids. Training: positions 0..T-1, returns (logits [B, T, V], mean
         cross-entropy). Generation: input_pos [T] gives the absolute positions of idx; keys/values
         go into the cache, and only the last position's logits [B, 1, V] come back (all that
-        choosing the next token needs). kv_len: attend to the first kv_len cache slots only (the
-        filled ones: less memory to read per token); None reads the whole cache, the fixed shapes a
-        compiled step needs."""
+        choosing the next token needs). kv_len: the cache slots filled once idx is in, idx being the
+        last T of them (positions kv_len - T ... kv_len - 1): attention reads those slots only (less
+        memory per token); None reads the whole cache, the fixed shapes a compiled step needs."""
         T = idx.shape[1]
         if input_pos is None:
             if T > self.args.max_seq_len:
@@ -205,11 +221,14 @@ class Transformer(nn.Module):
                 raise RuntimeError("call model.setup_cache(batch_size, max_seq_len) before "
                                    "decoding with input_pos")
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            # [T, kv_len]: position p sees cache slots <= p
-            mask = self.causal_mask[input_pos, :kv_len]
+            # [T, kv_len]: position p sees cache slots <= p. Not needed when idx fills the cache
+            # (causal, as in training) or is one token after the filled slots (it sees them all)
+            mask = None
+            if kv_len is None or 1 < T < kv_len:
+                mask = self.causal_mask[input_pos, :kv_len]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask, kv_len)
         if input_pos is not None:  # generating: the output head on the last position only
             x = x[:, -1:]
         logits = self.output(self.norm(x))

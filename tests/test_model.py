@@ -77,11 +77,13 @@ def test_kv_cache_decoding_equals_full_forward(n_kv_heads, kv_len):
     idx = torch.randint(0, 100, (3, 24))
     full = model(idx)[0]
     model.setup_cache(batch_size=3, max_seq_len=32)
-    prefill = model(idx[:, :8], input_pos=torch.arange(8))[0]  # a prompt at once, then one token at a time
+    # a prompt at once, a few tokens at once (a masked chunk after filled slots), then one at a time
+    prefill = model(idx[:, :8], input_pos=torch.arange(8), kv_len=kv_len(7))[0]
     assert prefill.shape == (3, 1, 100)  # generating: the last position's logits only
-    steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]), kv_len=kv_len(t))[0] for t in range(8, 24)]
-    cached = torch.cat([prefill] + steps, dim=1)
-    torch.testing.assert_close(cached, full[:, 7:], rtol=0, atol=1e-5)
+    chunk = model(idx[:, 8:12], input_pos=torch.arange(8, 12), kv_len=kv_len(11))[0]
+    steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]), kv_len=kv_len(t))[0] for t in range(12, 24)]
+    cached = torch.cat([prefill, chunk] + steps, dim=1)
+    torch.testing.assert_close(cached, torch.cat([full[:, 7:8], full[:, 11:]], dim=1), rtol=0, atol=1e-5)
     model.clear_cache()
 
 
