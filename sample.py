@@ -50,7 +50,9 @@ def sample_next(logits, temperature=1.0, top_k=100, codebook_size=None, generato
         logits = logits[:, :codebook_size]
     if temperature <= 1e-5:
         return logits.argmax(-1)
-    logits = logits.float() / temperature  # p = softmax(z / T)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature  # p = softmax(z / T)
     if top_k and top_k < logits.shape[-1]:
         # keep the K most probable, renormalise over them
         logits, ids = torch.topk(logits, top_k, dim=-1)
@@ -202,7 +204,9 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
                 # eager steps read only the filled cache slots; a compiled one keeps its shapes (and
                 # its CUDA graph's output is overwritten by the next replay: hence the copy)
                 token = step(model, token[:, None], input_pos, None if compile else cur - start,
-                             **sampling).clone()
+                             **sampling)
+                if compile:
+                    token = token.clone()
                 if compile and guarded:
                     # the first compiled step checked its guards (model, cache, shapes); the later
                     # ones make the very same call, so they skip that per-token check
