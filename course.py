@@ -33,7 +33,7 @@ ASSIGNMENTS = {
             "model.py:apply_rope": "rotate each pair (x_i, x_{i+d/2}) by its position's angle",
             "model.py:KVCache.update": "write k and v at input_pos into the cache, return the whole cache",
             "model.py:Attention.forward": "causal softmax(q k^T / sqrt(d)) v with RoPE, grouped heads and the "
-                                          "cache (the slots the mask covers)",
+                                          "cache (its first kv_len slots; with no mask, the queries are the last T keys)",
             "model.py:FeedForward.forward": "SwiGLU: w2(silu(w1 x) * w3 x)",
         },
         graded_by="logits equal to transformers' LlamaForCausalLM on the same weights; causality; cached "
