@@ -207,11 +207,12 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
                              **sampling)
                 if compile:
                     token = token.clone()
-                if compile and guarded:
-                    # the first compiled step checked its guards (model, cache, shapes); the later
-                    # ones make the very same call, so they skip that per-token check
-                    unguarded.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
-                    guarded = False
+                    if guarded:
+                        # the first compiled step checked its guards (model, cache, shapes); the
+                        # later ones make the very same call, so they skip that per-token check
+                        unguarded.enter_context(
+                            torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+                        guarded = False
             seq[:, cur] = token
     # a compiled step keeps its cache (and CUDA graphs) for the next call
     if allocated and not compile:
