@@ -2,8 +2,8 @@
 Stage 2 of LVM-Lite (paper 2.3): fine-tune a stage-1 model on 16-image sequences (4096 tokens) drawn
 from a weighted mixture of natural sequences (16 video frames), discriminative ones
 (8 "image, annotation" pairs) and generative ones (8 "annotation, image" pairs). Table 8's
-fine-tuning values are the defaults; the training loop is pretrain.train, so every setting of
-pretrain.py works here too.
+fine-tuning values are the defaults; the loop is train.py's (the one stage 1 uses), so every setting
+of pretrain.py works here too.
 
     python finetune.py --init_from=out/pretrain --data=data/video/train,data/pairs/train \\
         --val_data=...
@@ -24,20 +24,21 @@ Each kind reads the --data files whose kind fits it (natural <- video, discrimin
 <- pairs, random <- images), choosing among them in proportion to their size.
 """
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import distributed
-import pretrain
+import train
+from checkpoint import load_model
 from configs import MODEL_SIZES
 from data import SEQUENCE_BUILDERS, discriminative_sequence
-from model import ModelArgs, load_hf
-from pretrain import TrainingError
+from model import ModelArgs
+from sample import generate
+from train import TrainingError
 
 SETTINGS = {
-    **pretrain.SETTINGS,
+    **train.SETTINGS,
     "size": ("", "model size (configs.MODEL_SIZES); default: that of --init_from, which it must "
                  "match if given"),
     "stage": ("finetune",
@@ -121,7 +122,6 @@ def in_context_probe(datasets, seed, num_sequences=16):
     7 example pairs and the query image. Logged at every evaluation, it shows in-context learning
     appear: with no example the answer is a guess among the tasks; after one, the model knows which
     mapping to apply."""
-    from sample import generate
     rng, probes = np.random.default_rng([seed, 2]), {}
     for data in (d for d in datasets if d.meta.get("kind") == "pairs"):
         name = data.meta.get("annotation") or "pairs"
@@ -148,42 +148,32 @@ def in_context_probe(datasets, seed, num_sequences=16):
 
 
 def load_stage1(path, size=""):
-    """(ModelArgs, state_dict) to start from: pretrain.py's checkpoint (weights only; optimizer and
-    step start afresh) or a Hugging Face LLaMA directory (LVM's released 7B, DeLVM's models)."""
+    """The model to start from, in float32 whatever it was saved in: pretrain.py's checkpoint (its
+    weights; optimizer and step start afresh) or a Hugging Face LLaMA directory (LVM's 7B, DeLVM's)."""
     if not path:
-        raise TrainingError("stage 2 starts from stage-1 weights: pass --init_from=out/pretrain "
-                            "(a ckpt.pt of pretrain.py, or its directory) "
-                            "or a Hugging Face LLaMA directory")
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").exists():
-        try:
-            # train in float32 whatever the checkpoint's dtype
-            model = load_hf(path, dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as e:
-            raise TrainingError(f"--init_from={path}: cannot load the Hugging Face "
-                                f"checkpoint ({e})") from e
-        args, state = model.args, model.state_dict()
-    else:
-        ckpt = pretrain.load_checkpoint(path)
-        args, state = ModelArgs(**ckpt["model_args"]), ckpt["model"]
-    if size and ModelArgs(**MODEL_SIZES[size]) != args:
-        raise TrainingError(f"--init_from={path} holds a model that is not --size={size} ({args}); "
+        raise TrainingError("stage 2 starts from stage-1 weights: pass --init_from=out/pretrain (a ckpt.pt "
+                            "of pretrain.py, or its directory) or a Hugging Face LLaMA directory")
+    try:
+        model = load_model(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainingError(f"--init_from={path}: {e}") from e
+    if size and ModelArgs(**MODEL_SIZES[size]) != model.args:
+        raise TrainingError(f"--init_from={path} holds a model that is not --size={size} ({model.args}); "
                             "drop --size to use the checkpoint's")
-    return args, state
+    return model
 
 
 def main(argv=None):
-    c = pretrain.parse_config(argv, SETTINGS, __doc__)
+    c = train.parse_config(argv, SETTINGS, __doc__)
     try:
         mix = parse_mix(c.mix)
         # --resume reads out_dir/ckpt.pt instead
         init = None if c.resume else load_stage1(c.init_from, c.size)
-        datasets, val = pretrain.open_train_and_val(c)
+        datasets, val = train.open_train_and_val(c)
         probe = (in_context_probe(val, c.seed) if c.images_per_seq >= 2 * max(IN_CONTEXT_PAIRS) + 2
                  else None)
-        pretrain.train(c, sequence_mixture(datasets, mix, c.images_per_seq, c.seed),
-                       sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"),
-                       init, probe)
+        train.train(c, sequence_mixture(datasets, mix, c.images_per_seq, c.seed),
+                    sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"), init, probe)
     except TrainingError as e:
         sys.exit(f"error: {e}")
     finally:

@@ -30,7 +30,7 @@ import torch
 
 import evaluate
 import vqgan
-from sample import load_model
+from checkpoint import load_model
 
 # Budgets in steps, not minutes, so runs are repeatable. "cpu" fits 15 minutes on the slower 2-core
 # machines (about 7 on the faster ones); "gpu" is meant for 10 minutes on one H100.
@@ -98,7 +98,7 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
     run([py, "toyworld.py", "--out", str(world), "--seed", "0"] + flags(p["world"]), world)
     # a patch codec, started from PCA and k-means of the patches: a few hundred steps of
     # fine-tuning suffice
-    run([py, "vqgan.py", "--data", str(world / "train"), "--val_data", str(world / "val"),
+    run([py, "vqgan_train.py", "--data", str(world / "train"), "--val_data", str(world / "val"),
          "--config", "toy", "--out_dir", str(vq), "--rec_loss=l2", "--lr=1e-3", "--restart_every=0",
          "--warmup_steps=20", f"--device={p['device']}"] + flags(p["vqgan"]),
         vq, vq / "training_state.pt")

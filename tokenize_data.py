@@ -42,145 +42,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-import toyworld
 from data import SEQUENCE_BUILDERS, load_tokens, single_image
+from images import (IMAGE_EXTS, INDEX_MODES, PALETTES, VIDEO_EXTS, Skip, annotation_luts,
+                    load_palette, read_annotation, read_image, read_video)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
-
-# -----------------------------------------------------------------------------
-# palettes: PALETTES[name][c] is the [r, g, b] of class c; unlabeled pixels are black
-
-
-def _ade20k_palette():
-    # Painter's ADE20K colours: 255 - 42 * (the base-6 digits of the class index)
-    i = np.arange(150)
-    return (255 - 42 * np.stack([i // 36, (i % 36) // 6, i % 6], 1)).astype(np.uint8)
-
-
-PALETTES = {
-    "ade20k": _ade20k_palette(),
-    # trainId order
-    "cityscapes": np.array([[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156],
-                            [190, 153, 153], [153, 153, 153], [250, 170, 30], [220, 220, 0],
-                            [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
-                            [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100],
-                            [0, 0, 230], [119, 11, 32]], dtype=np.uint8),
-    "toy": toyworld.PALETTE,
-}
-# value of class 0 in a class-index PNG: ADE20K stores 0 = unlabeled, class c as c + 1
-INDEX_OFFSET = {"ade20k": 1}
-# per trainId
-CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 IMAGE_SUFFIXES = ("_leftImg8bit",)  # dropped from stems before matching (Cityscapes)
 # most preferred first
 ANNOTATION_SUFFIXES = ("_gtFine_labelTrainIds", "_gtFine_labelIds", "_gtFine_color")
 
-
-def load_palette(name_or_file):
-    """A palette by name, or a JSON file of [r, g, b] colours (a list, or {"palette": [...]} as
-    toyworld's meta)."""
-    if name_or_file in PALETTES:
-        return PALETTES[name_or_file]
-    try:
-        data = json.loads(Path(name_or_file).read_text())
-        pal = np.array(data["palette"] if isinstance(data, dict) else data)
-    except (OSError, ValueError, KeyError):
-        pal = np.zeros(0)
-    if pal.ndim != 2 or pal.shape[1] != 3 or pal.min() < 0 or pal.max() > 255:
-        raise ValueError(f"palette {name_or_file!r} is not one of {', '.join(PALETTES)} nor a JSON "
-                         "list of [r, g, b]")
-    return pal.astype(np.uint8)
-
-
-def index_lut(palette, offset=0, label_ids=None):
-    """[65536, 3] colour of each class-index value: palette[c] at offset + c (or at label_ids[c]),
-    black elsewhere."""
-    lut = np.zeros((65536, 3), np.uint8)
-    lut[list(label_ids) if label_ids is not None
-        else slice(offset, offset + len(palette))] = palette
-    return lut
-
-
-# -----------------------------------------------------------------------------
-# reading one image or annotation: any file -> uint8 [size, size, 3]
-
-
-def to_rgb(img):
-    """Any PIL mode (grayscale, 16-bit, palette, RGBA, CMYK, ...) -> RGB, transparency composited
-    onto white."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        a = np.asarray(img, dtype=np.float64)
-        # 16-bit samples
-        a = a * 255 if img.mode == "F" and a.max() <= 1 else a / 257 if a.max() > 255 else a
-        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)),
-                                    img.convert("RGBA"))
-    return img.convert("RGB")
-
-
-def fit(img, size, resample):
-    """Shorter side resized to `size`, then the centre size x size crop."""
-    w, h = img.size
-    if (w, h) != (size, size):
-        w, h = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
-        img = img.resize((w, h), resample)
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def read_image(src, size):
-    """uint8 [size, size, 3] from a path or file object; bilinear resize."""
-    with Image.open(src) as img:
-        # JPEG: decode at the smallest DCT scale that still covers size (fast)
-        img.draft(None, (size, size))
-        return np.asarray(fit(to_rgb(ImageOps.exif_transpose(img)), size, Image.BILINEAR))
-
-
-def read_annotation(path, size, luts):
-    """uint8 [size, size, 3] colour map, nearest resize. With a palette (luts), single-channel PNGs
-    are class-index maps coloured through it (Cityscapes *_labelIds via the label-id table); RGB
-    maps are used as they are."""
-    with Image.open(path) as img:
-        if luts and img.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-            lut = luts["label_ids" if Path(path).stem.endswith("_labelIds") and "label_ids" in luts
-                       else "index"]
-            index = np.asarray(fit(img if img.mode in ("L", "P") else img.convert("I"), size,
-                                   Image.NEAREST))
-            return lut[np.clip(index.astype(np.int64), 0, len(lut) - 1)]
-        return np.asarray(fit(to_rgb(img), size, Image.NEAREST))
-
-
-def read_video(path, size, stride, max_frames):
-    """Every stride-th frame of a video file (PyAV), at most max_frames."""
-    import av
-    frames = []
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise Skip("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            if i % stride == 0:
-                frames.append(np.asarray(fit(frame.to_image(), size, Image.BILINEAR)))
-                if len(frames) == max_frames:
-                    break
-    if not frames:
-        raise Skip("no frames could be decoded")
-    return frames
-
-
 # -----------------------------------------------------------------------------
 # inputs -> units, in a fixed order. A unit is one source of rows: ("image", path),
 # ("tar", shard, member, offset, size), ("video", path), ("frames", folder, names),
-# ("pair", image, annotation), or ("skip", path, reason).
-
-
-class Skip(Exception):
-    """An input that cannot be used; the message is the reason recorded in `skipped`."""
+# ("pair", image, annotation), or ("skip", path, reason). Pixels come from images.py, the reader
+# every script shares.
 
 
 def natural_key(s):
@@ -313,10 +189,7 @@ class Loader:
     def __init__(self, tasks, opts):
         self.tasks, self.opts, self.luts = tasks, opts, None
         if opts.get("palette") is not None:
-            pal = np.array(opts["palette"], np.uint8)
-            self.luts = {"index": index_lut(pal, opts.get("index_offset", 0))}
-            if opts.get("palette_name") == "cityscapes":
-                self.luts["label_ids"] = index_lut(pal, label_ids=CITYSCAPES_LABEL_IDS)
+            self.luts = annotation_luts(opts["palette"], opts.get("palette_name"))
 
     def __len__(self):
         return len(self.tasks)
@@ -384,8 +257,6 @@ def encode(model, pixels):
 
 BLOCK = {"images": 1024, "pairs": 512, "video": 32}  # units per commit (and per shard boundary)
 TASK = {"images": 64, "pairs": 32, "video": 1}  # units per worker task
-# seconds to sleep per batch (kill tests)
-TEST_DELAY = float(os.environ.get("TOKENIZE_DATA_TEST_DELAY", 0))
 
 
 def _fingerprint(*parts):
@@ -498,7 +369,6 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
                 x, b = torch.cat(pending), min(n, batch_size)
                 f.write(encode(model, x[:b]).tobytes())
                 pending, n, new_rows = [x[b:]], n - b, new_rows + b
-                time.sleep(TEST_DELAY)
             # commit: the tokens reach the file before the record that vouches for them
             if end_of_block:
                 f.flush()
@@ -692,12 +562,11 @@ def main(argv=None):
         units = list_pairs(args.images, args.annotations)
         palette = load_palette(args.palette).tolist() if args.palette else None
         first = next((u[2] for u in units if u[0] == "pair"), None)
-        if first and not palette and Image.open(first).mode in ("L", "P", "I", "I;16"):
+        if first and not palette and Image.open(first).mode in INDEX_MODES:
             print(f"warning: {first} has one channel: if the annotations are class indices, "
                   "pass --palette", file=sys.stderr)
-        offset = INDEX_OFFSET.get(args.palette, 0)
         jobs = [("pairs", units, args.name,
-                 {"palette": palette, "palette_name": args.palette, "index_offset": offset},
+                 {"palette": palette, "palette_name": args.palette},
                  {"annotation": args.annotation, "palette": palette,
                   "sources": [args.images, args.annotations]})]
     for _, units, name, _, info in jobs:

@@ -49,10 +49,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from images import PALETTES
+
 CLASSES = ("background", "square", "circle", "triangle")
 # segmentation colours, index = class; flat and far apart so a nearest-colour read-out of a decoded
-# map is easy
-PALETTE = np.array([[0, 0, 0], [255, 40, 40], [40, 220, 40], [40, 90, 255]], dtype=np.uint8)
+# map is easy (images.PALETTES["toy"], where every palette lives)
+PALETTE = PALETTES["toy"]
 SPLITS = {"train": 0, "val": 1}
 DEFAULTS = dict(size=32, num_images=10000, num_val_images=200, num_videos=1000,
                 num_val_videos=100, frames=20)

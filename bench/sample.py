@@ -17,12 +17,13 @@ Every decode step reads all parameters once, so a batch of B cannot beat a floor
 that bound, B * HBM bandwidth / parameter bytes tokens/s (plus the key/value cache it reads, shown beside it). On
 a CPU it times the floor: the step's matrix products alone, every weight read once in the same order and nothing
 else, as the BLAS calls an eager loop makes (transformers' time per token over it is the most an eager loop could
-gain) and, with --compile, as the compiled step computes them (a fused multiply-and-sum: model.Linear).
+gain) and, with --compile, as the compiled step computes them (a fused multiply-and-sum: fast_decode.MatVecLinear).
 --profile runs one more generate call (the compiled one when asked) under torch.profiler and prints where the
 time went: on GPU, whether kernels or launches fill the step.
 """
 import argparse
 import ast
+import contextlib
 import sys
 from pathlib import Path
 import os
@@ -38,7 +39,9 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from configs import MODEL_SIZES
-from model import ModelArgs, Transformer, save_hf
+import fast_decode
+from checkpoint import save_hf
+from model import ModelArgs, Transformer
 from sample import generate
 
 # the CPU comparison model: small enough for a shared CPU, the real 8192-code vocabulary
@@ -78,7 +81,9 @@ def matvec_floor(model, batch, device, compile=False, repeats=200):
     products = lambda: [m(inputs[m.in_features]) for m in linears]
     if compile:
         products = torch.compile(products)
-    with torch.inference_mode():
+    # compiled on a CPU: the Linears as the compiled step runs them (fast_decode.MatVecLinear)
+    fused = fast_decode.matvec_linears(model) if compile and device.type == "cpu" else contextlib.nullcontext()
+    with torch.inference_mode(), fused:
         for i in range(repeats + 20):  # 20 warm-up rounds
             if i == 20:
                 sync(device)

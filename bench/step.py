@@ -25,7 +25,9 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
 
 from configs import MODEL_SIZES
 from distributed import peak_flops
-from model import ModelArgs, Transformer, configure_optimizer, estimate_flops, save_hf
+from checkpoint import save_hf
+from model import ModelArgs, Transformer, estimate_flops
+from train import configure_optimizer
 
 
 def train_step(model, optimizer, idx, targets, autocast_dtype, is_ours):

@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import tokenize_data as td
+from images import read_image
 
 
 def bare_encoder(model, x, batch_size):
@@ -65,7 +66,7 @@ def main():
     model, tokenizer = td.load_tokenizer(args.vqgan, args.vqgan_config, device=args.device)
     size = tokenizer["resolution"]
     units = [u for u in td.list_images([args.images]) if u[0] == "image"][:args.limit]
-    pixels = np.stack([td.read_image(u[1], size) for u in units])
+    pixels = np.stack([read_image(u[1], size) for u in units])
     device = next(model.parameters()).device
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255).to(device)
     model.encode(x[:args.batch_size], batch_size=args.batch_size)  # warm-up: kernels, allocator

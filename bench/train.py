@@ -1,5 +1,5 @@
 """
-Training speed: tokens/s and MFU of pretrain.py's loop (bf16 autocast + torch.compile on a GPU) on random tokens,
+Training speed: tokens/s and MFU of the training loop (train.py) (bf16 autocast + torch.compile on a GPU) on random tokens,
 so no data is needed, at the paper's two context lengths: 256 (stage 1, single images) and 4096 (stage 2).
 
     python bench/train.py --size=300M                          # one GPU: 256 and 4096 tokens
@@ -21,7 +21,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import pretrain
+import train
 from configs import MODEL_SIZES
 
 
@@ -41,7 +41,7 @@ def main(argv=None):
     lines = []
     for seq_len, micro in zip(map(int, a.seq_lens.split(",")), map(int, a.micro_batch_sizes.split(","))):
         with tempfile.TemporaryDirectory(dir=a.out_dir or None) as out_dir:  # each run ends with a checkpoint
-            c = pretrain.parse_config([
+            c = train.parse_config([
                 f"--size={a.size}", f"--tokens_per_image={seq_len}", "--images_per_seq=1",
                 f"--micro_batch_size={micro}", f"--batch_size={micro}", f"--max_steps={a.steps}",
                 "--warmup_steps=1", "--log_interval=1", f"--eval_interval={a.steps}", "--eval_iters=1",
@@ -51,7 +51,7 @@ def main(argv=None):
             def random_tokens(first, count):
                 return np.random.default_rng(first).integers(0, vocab, (count, seq_len))
 
-            metrics = pretrain.train(c, random_tokens, random_tokens)[a.warmup:]
+            metrics = train.train(c, random_tokens, random_tokens)[a.warmup:]
         tokens_per_s = statistics.median(m["tokens_per_s"] for m in metrics)
         mfu = [m["mfu"] for m in metrics if m["mfu"] is not None]
         mfu = f"{100 * statistics.median(mfu):.1f}%" if mfu else "n/a"

@@ -21,6 +21,8 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import vqgan
+import vqgan_train
+from images import load_images
 
 
 def timed(fn, x, iters, device):
@@ -48,8 +50,8 @@ def palette_survival(images, recon, palette):
 def quality(model, folder, palette=None):
     """Round-trip metrics of model on every image under folder. palette: None, 'auto' (the folder's own colours,
     for a folder of annotation maps) or a JSON file holding a list of [r, g, b] or a dict with a 'palette' entry."""
-    images = vqgan.load_images(folder, model.config["resolution"])
-    metrics, recon = vqgan.evaluate(model, images)
+    images = load_images(folder, model.config["resolution"])
+    metrics, recon = vqgan_train.evaluate(model, images)
     if palette == "auto":
         palette = torch.unique(images.permute(0, 2, 3, 1).reshape(-1, 3), dim=0).tolist()
     elif palette:

@@ -49,5 +49,5 @@ def test_student_copy_is_a_fresh_tree_with_a_handout(tmp_path):
     stripped = (copy / "data.py").read_text()
     assert 'raise NotImplementedError("data: implement natural_sequence' in stripped
     assert (copy / "model.py").read_text() == (course.ROOT / "model.py").read_text()
-    r = subprocess.run([sys.executable, "-c", "import data, pretrain"], cwd=copy, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", "import data, train"], cwd=copy, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr  # imports still work: failures come at the task, not at import

@@ -17,11 +17,13 @@ import evaluate
 import toyworld
 import vqgan
 from data import load_tokens, natural_sequence
-from evaluate import (EvalConfig, I3DExtractor, InceptionExtractor, TinyExtractor, eval_generation, eval_perplexity,
-                      eval_segmentation, eval_video, find_paired, find_videos, read_pair)
+import features
+from evaluate import (EvalConfig, eval_generation, eval_perplexity, eval_segmentation, eval_video, find_paired,
+                      find_videos, read_pair)
+from features import I3DExtractor, InceptionExtractor, TinyExtractor
 from metrics import colors_to_classes, frechet_distance, inception_score, labels_from_colours, mean_iou, psnr, ssim
 from model import ModelArgs, Transformer
-from tokenize_data import PALETTES
+from images import PALETTES
 
 TINY = dict(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=512, max_seq_len=1024)
 FAST = dict(limit=2, batch_size=2, clip_frames=6, prompt_frames=4)  # short clips keep sampling quick on a CPU
@@ -166,7 +168,7 @@ def test_missing_weights_name_the_file_to_fetch(tmp_path, monkeypatch):
         I3DExtractor(tmp_path / "i3d_torchscript.pt")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty cache: nothing downloaded
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
-        evaluate._weights_path(None, evaluate.INCEPTION_FILE, evaluate.INCEPTION_URL, "--inception_weights")
+        features._weights_path(None, features.INCEPTION_FILE, features.INCEPTION_URL, "--inception_weights")
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         InceptionExtractor()

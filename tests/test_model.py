@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from configs import MODEL_SIZES, STAGES, TABLE4_TFLOPS, TABLE7_PARAMS_M
-from model import ModelArgs, Transformer, configure_optimizer, estimate_flops, load_hf, save_hf
+from checkpoint import load_model, save_hf
+from model import ModelArgs, Transformer, estimate_flops
+from train import configure_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(dim=64, n_layers=2, n_heads=4, hidden_dim=96, vocab_size=100, max_seq_len=64)
@@ -71,17 +73,16 @@ def test_changing_a_token_never_changes_earlier_logits(n_kv_heads):
 
 @pytest.mark.decoder
 @pytest.mark.parametrize("n_kv_heads", [4, 1])
-@pytest.mark.parametrize("kv_len", [lambda t: None, lambda t: t + 1], ids=["whole cache", "filled slots"])
-def test_kv_cache_decoding_equals_full_forward(n_kv_heads, kv_len):
+def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
     model = small_model(n_kv_heads=n_kv_heads)
     idx = torch.randint(0, 100, (3, 24))
     full = model(idx)[0]
-    model.setup_cache(batch_size=3, max_seq_len=32)
-    # a prompt at once, a few tokens at once (a masked chunk after filled slots), then one at a time
-    prefill = model(idx[:, :8], input_pos=torch.arange(8), kv_len=kv_len(7))[0]
+    model.setup_cache(batch_size=3, max_seq_len=32)  # longer than the sequence: the mask hides the empty slots
+    # a prompt at once, a few tokens at once (a chunk after filled slots), then one at a time
+    prefill = model(idx[:, :8], input_pos=torch.arange(8))[0]
     assert prefill.shape == (3, 1, 100)  # generating: the last position's logits only
-    chunk = model(idx[:, 8:12], input_pos=torch.arange(8, 12), kv_len=kv_len(11))[0]
-    steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]), kv_len=kv_len(t))[0] for t in range(12, 24)]
+    chunk = model(idx[:, 8:12], input_pos=torch.arange(8, 12))[0]
+    steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(12, 24)]
     cached = torch.cat([prefill, chunk] + steps, dim=1)
     torch.testing.assert_close(cached, torch.cat([full[:, 7:8], full[:, 11:]], dim=1), rtol=0, atol=1e-5)
     model.clear_cache()
@@ -116,13 +117,13 @@ def hf_llama(n_kv_heads):
 
 @pytest.mark.decoder
 @pytest.mark.parametrize("n_kv_heads,layout", [(4, "safetensors"), (2, "safetensors"), (2, "sharded"), (2, "bin")])
-def test_load_hf_gives_transformers_logits(tmp_path, n_kv_heads, layout):
+def test_hugging_face_checkpoints_give_transformers_logits(tmp_path, n_kv_heads, layout):
     hf = hf_llama(n_kv_heads)
     if layout == "bin":
         hf.save_pretrained(tmp_path, safe_serialization=False)
     else:
         hf.save_pretrained(tmp_path, max_shard_size="20KB" if layout == "sharded" else "5GB")
-    ours = load_hf(tmp_path)
+    ours = load_model(tmp_path)
     assert ours.args.n_kv_heads == n_kv_heads
     idx = torch.randint(0, 100, (2, 30))
     with torch.no_grad():
@@ -135,7 +136,7 @@ def test_save_hf_round_trip_is_exact_and_transformers_reads_it(tmp_path, n_kv_he
     import transformers
     model = small_model(n_kv_heads=n_kv_heads)
     save_hf(model, tmp_path / "ours", max_shard_bytes=40_000)  # small shards exercise the index file
-    back = load_hf(tmp_path / "ours")
+    back = load_model(tmp_path / "ours")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, back.state_dict()[name]), name
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
@@ -144,9 +145,9 @@ def test_save_hf_round_trip_is_exact_and_transformers_reads_it(tmp_path, n_kv_he
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
 
 
-def test_load_hf_explains_a_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        load_hf(tmp_path)
+def test_loading_explains_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Hugging Face LLaMA directory"):
+        load_model(tmp_path)
 
 
 @pytest.mark.decoder

@@ -8,9 +8,11 @@ from PIL import Image
 import sample
 import vqgan
 from bench import sample as bench_sample
-from model import ModelArgs, Transformer, save_hf
-from sample import (generate, images_to_tokens, load_model, sample_images, sample_next, save_grid, tokens_to_images,
-                    window_start)
+from checkpoint import load_model, save_hf
+from images import save_grid
+from model import ModelArgs, Transformer
+from sample import generate, sample_images, sample_next, window_start
+from vqgan import images_to_tokens, tokens_to_images
 
 SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=100, max_seq_len=48)
 
@@ -116,11 +118,10 @@ def test_cache_is_allocated_once_per_call_and_released(monkeypatch):
     monkeypatch.setattr(model, "setup_cache", lambda *a, **k: calls.append(a) or setup(*a, **k))
     generate(model, torch.randint(0, 100, (2, 10)), 60, tokens_per_image=8)  # slides 4 times
     assert calls == [(2, 48)]  # batch 2, cache of the model's full context: allocated once, never per token
-    assert model.layers[0].attention.kv_cache is None
+    assert model.layers[0].attention.kv_cache is None and model.causal_mask is None  # freed after the call
 
 
-@pytest.mark.decoder
-@pytest.mark.inference
+@pytest.mark.fast
 def test_compiled_generation_equals_eager_for_each_model_and_shape():
     """One compiled decode step (model and sampling in one graph, guards checked on each call's first
     step) serves several models and batch sizes, token for token as the eager loop."""
@@ -273,12 +274,11 @@ def test_cli_rejects_bad_input_with_one_line(toy, tmp_path, capsys):
         sample.main(["--model", str(toy / "hf"), "--vqgan", str(toy / "vqgan"), "--prompt", str(toy / "img0.png"),
                      "--query", str(toy / "img1.png")])
     assert e.value.code == 2 and "pairs" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
         sample.main(["--model", str(tmp_path / "nope"), "--vqgan", str(toy / "vqgan"), "--unconditional"])
 
 
-@pytest.mark.decoder
-@pytest.mark.inference
+@pytest.mark.fast
 def test_sampling_benchmark_reports_both_loops_the_floor_and_a_profile(capsys):
     bench_sample.main(["--dim=32", "--n_layers=1", "--vocab_size=64", "--prompt_len=8", "--new=8", "--repeats=1",
                        "--compile", "--profile"])

@@ -10,9 +10,10 @@ from PIL import Image
 
 import finetune
 import pretrain
+import train
 from bench import train as bench_train
-from model import learning_rate, load_hf
-from sample import load_model
+from checkpoint import load_model
+from train import learning_rate
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VOCAB, S = 128, 16  # the fixture VQ-GAN's codebook; 64x64 images at f16 -> 4x4 = 16 tokens
@@ -62,44 +63,44 @@ def losses(out_dir, key="loss"):
 
 
 def test_defaults_are_table8_and_every_value_is_overridable():
-    c = pretrain.parse_config([])
+    c = train.parse_config([])
     assert (c.lr, c.min_lr, c.warmup_steps, c.max_steps, c.batch_size) == (1.5e-4, 1.5e-5, 2000, 125112, 8192)
     assert (c.beta1, c.beta2, c.weight_decay, c.images_per_seq * c.tokens_per_image) == (0.9, 0.95, 0.1, 256)
-    f = pretrain.parse_config([], finetune.SETTINGS)
+    f = train.parse_config([], finetune.SETTINGS)
     assert (f.lr, f.min_lr, f.warmup_steps, f.batch_size, f.images_per_seq * f.tokens_per_image) == \
         (1.5e-5, 1.5e-6, 0, 512, 4096)
-    c = pretrain.parse_config(["--size", "tiny", "--lr=2e-3", "--compile=false", "--resume", "--stage=pretrain-toy"])
+    c = train.parse_config(["--size", "tiny", "--lr=2e-3", "--compile=false", "--resume", "--stage=pretrain-toy"])
     assert (c.size, c.lr, c.compile, c.resume, c.tokens_per_image) == ("tiny", 2e-3, False, True, 16)
 
 
 def test_unknown_setting_is_rejected_with_a_hint(capsys):
     with pytest.raises(SystemExit) as e:
-        pretrain.parse_config(["--weight_decy=0.1"])
+        train.parse_config(["--weight_decy=0.1"])
     assert e.value.code != 0
     assert "unknown setting '--weight_decy=0.1'; did you mean --weight_decay" in capsys.readouterr().err
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    c = pretrain.parse_config([])
+    c = train.parse_config([])
     schedule = lambda step, c: learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
     assert schedule(0, c) == pytest.approx(1.5e-4 / 2000)
     assert schedule(1999, c) == pytest.approx(1.5e-4)
     middle = 2000 + (125112 - 2000) // 2
     assert schedule(middle, c) == pytest.approx((1.5e-4 + 1.5e-5) / 2, rel=1e-4)
     assert schedule(125112, c) == pytest.approx(1.5e-5)
-    f = pretrain.parse_config([], finetune.SETTINGS)
+    f = train.parse_config([], finetune.SETTINGS)
     assert schedule(0, f) == pytest.approx(1.5e-5)  # no warm-up in stage 2
 
 
 @pytest.mark.data
 def test_targets_are_the_next_tokens_and_the_last_position_is_ignored():
-    inputs, targets = pretrain.micro_batches(np.arange(8).reshape(2, 4), accum=2)
+    inputs, targets = train.micro_batches(np.arange(8).reshape(2, 4), accum=2)
     assert [a.tolist() for a in inputs] == [[[0, 1, 2, 3]], [[4, 5, 6, 7]]]
     assert [a.tolist() for a in targets] == [[[1, 2, 3, -1]], [[5, 6, 7, -1]]]
 
 
 def test_images_are_read_once_per_epoch_and_ranks_read_different_images(data):
-    tokens = pretrain.open_token_files(data["images"], pretrain.parse_config([f"--tokens_per_image={S}"]))
+    tokens = train.open_token_files(data["images"], train.parse_config([f"--tokens_per_image={S}"]))
     get = pretrain.image_sequences(tokens, 1, seed=0)
     rank0, rank1 = get(0, 4), get(4, 4)  # one step of 8 sequences split over two ranks
     assert not {r.tobytes() for r in rank0} & {r.tobytes() for r in rank1}
@@ -192,7 +193,7 @@ def test_metrics_sample_grid_and_hugging_face_export(tmp_path, data):
     assert "val_loss" in records[-1] and records[-1]["tokens_per_s"] > 0 and records[-1]["mfu"] is None
     # 2 rows x (true image, completion), decoded to 64x64 pixels, 2 px apart, scaled x2 to at least 128 px
     assert Image.open(tmp_path / "samples_000003.png").size == (2 * (2 * 64 + 2), 2 * (2 * 64 + 2))
-    exported = load_hf(tmp_path / "hf")
+    exported = load_model(tmp_path / "hf")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in exported.state_dict().items())
 
@@ -208,8 +209,8 @@ def test_sample_grid_without_vqgan_shows_token_ids(tmp_path, data):
 
 @pytest.mark.data
 def test_mixture_draws_each_kind_from_its_data_in_proportion(data):
-    c = pretrain.parse_config([f"--tokens_per_image={S}"], finetune.SETTINGS)
-    datasets = pretrain.open_token_files(",".join([data["video"], data["pairs"], data["images"]]), c)
+    c = train.parse_config([f"--tokens_per_image={S}"], finetune.SETTINGS)
+    datasets = train.open_token_files(",".join([data["video"], data["pairs"], data["images"]]), c)
     mix = finetune.parse_mix("natural:3,generative:1,random:0")
     assert mix == {"natural": 3.0, "generative": 1.0}
     get = finetune.sequence_mixture(datasets, mix, images_per_seq=4, seed=0)
@@ -217,9 +218,9 @@ def test_mixture_draws_each_kind_from_its_data_in_proportion(data):
     assert batch.shape == (400, 4 * S) and np.array_equal(get(10, 3), batch[10:13])
     annotation_first = (batch[:, S] - batch[:, 0]) % VOCAB == VOCAB - 1  # generative: annotation (+1), image
     assert 0.18 < annotation_first.mean() < 0.32  # 1/4 of the sequences
-    with pytest.raises(pretrain.TrainingError, match="no file of --data is of kind images"):
+    with pytest.raises(train.TrainingError, match="no file of --data is of kind images"):
         finetune.sequence_mixture(datasets[:2], {"random": 1.0}, 4, 0)
-    with pytest.raises(pretrain.TrainingError, match="unknown sequence kind 'videos'"):
+    with pytest.raises(train.TrainingError, match="unknown sequence kind 'videos'"):
         finetune.parse_mix("videos:1")
 
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import vqgan as bench_vqgan  # noqa: E402
 import vqgan  # noqa: E402
+import vqgan_train  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 TINY = dict(vqgan.CONFIGS["toy"], resolution=16, hidden_channels=32, channel_mult=[1, 2], z_channels=32,
@@ -96,16 +97,16 @@ def test_pca_and_kmeans_init_make_a_patch_codec_good_before_any_step():
     images = torch.from_numpy(np.stack([toyworld.make_image(np.random.default_rng(i), 32)[k] for i in range(300)
                                         for k in ("images", "segmentation")])).permute(0, 3, 1, 2)
     model, gen = vqgan.VQGAN(dict(vqgan.CONFIGS["toy"], num_embeddings=128)), torch.Generator().manual_seed(0)
-    before = vqgan.evaluate(model, images)[0]
-    vqgan.pca_init_patch_codec(model, images, gen)
-    vqgan.kmeans_init_codebook(model, images, gen)
-    after = vqgan.evaluate(model, images)[0]
+    before = vqgan_train.evaluate(model, images)[0]
+    vqgan_train.pca_init_patch_codec(model, images, gen)
+    vqgan_train.kmeans_init_codebook(model, images, gen)
+    after = vqgan_train.evaluate(model, images)[0]
     assert after["psnr"] > 22 > before["psnr"] and after["usage"] > 80
 
 
 def test_spread_picks_takes_distinct_points_before_repeating_any():
     z = torch.cat([torch.zeros(1000, 2), torch.eye(2), -torch.eye(2)])  # one point 1000 times, four others once
-    picks = vqgan.spread_picks(z, 5, torch.Generator().manual_seed(0))
+    picks = vqgan_train.spread_picks(z, 5, torch.Generator().manual_seed(0))
     assert len(picks.unique(dim=0)) == 5
 
 
@@ -180,7 +181,7 @@ def test_dead_codes_restart_onto_current_latents():
     usage[:10] = 5
     x = torch.rand(4, 3, 16, 16)
     before = model.quantize.embedding.weight.detach().clone()
-    assert vqgan.restart_dead_codes(model, usage, x, torch.Generator().manual_seed(0)) == 54
+    assert vqgan_train.restart_dead_codes(model, usage, x, torch.Generator().manual_seed(0)) == 54
     after = model.quantize.embedding.weight.detach()
     assert torch.equal(after[:10], before[:10])
     with torch.no_grad():
@@ -227,7 +228,7 @@ def test_hub_id_without_huggingface_hub_says_how_to_download(monkeypatch):
 
 
 def train_args(data, out, steps, *extra):
-    return vqgan.parse_args([
+    return vqgan_train.parse_args([
         "--data", str(data), "--out_dir", str(out), "--max_steps", str(steps), "--batch_size", "8",
         "--lr_decay_steps", "5", "--disc_start", "2", "--restart_every", "2", "--eval_interval", "2", "--warmup_steps", "2",
         "--resolution=16", "--hidden_channels=32", "--channel_mult=[1,2]", "--z_channels=32",
@@ -238,14 +239,14 @@ def train_args(data, out, steps, *extra):
 @pytest.mark.tokenizer
 def test_training_writes_a_loadable_checkpoint_and_resumes_exactly(tmp_path, capsys):
     data = write_shapes(tmp_path / "data", 40)
-    unbroken = vqgan.train(train_args(data, tmp_path / "a", 5))
-    first = vqgan.train(train_args(data, tmp_path / "b", 3))
-    resumed = vqgan.train(train_args(data, tmp_path / "b", 5, "--resume"))
+    unbroken = vqgan_train.train(train_args(data, tmp_path / "a", 5))
+    first = vqgan_train.train(train_args(data, tmp_path / "b", 3))
+    resumed = vqgan_train.train(train_args(data, tmp_path / "b", 5, "--resume"))
     assert [h["step"] for h in resumed] == [4, 5]
     assert first == unbroken[:3]
     assert resumed == unbroken[3:]  # same batches, dropout, GAN and codebook restarts: identical losses
     assert unbroken[1]["d"] == 0 and unbroken[2]["d"] > 0  # the discriminator switches on at --disc_start
-    assert "perceptual loss: OFF" in capsys.readouterr().out or vqgan.load_lpips("cpu") is not None
+    assert "perceptual loss: OFF" in capsys.readouterr().out or vqgan_train.load_lpips("cpu") is not None
 
     model = vqgan.load_pretrained(tmp_path / "b", device="cpu")
     assert model.config["num_embeddings"] == 64 and model.downsample_factor == 2
@@ -268,7 +269,7 @@ def test_palette_survival_counts_pixels_still_nearest_to_their_colour():
 
 
 def test_cli_reports_a_missing_image_folder_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "vqgan.py"), "--data", str(tmp_path / "nothing"),
+    r = subprocess.run([sys.executable, str(ROOT / "vqgan_train.py"), "--data", str(tmp_path / "nothing"),
                         "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("error: image folder") and "does not exist" in r.stderr

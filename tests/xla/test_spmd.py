@@ -2,7 +2,7 @@
 
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 .venv-xla/bin/python -m pytest -q tests/xla -o addopts=""
 
-On a 2x2 (data, fsdp) mesh, pretrain.train must give the losses of plain PyTorch on the CPU, with each parameter
+On a 2x2 (data, fsdp) mesh, train.train must give the losses of plain PyTorch on the CPU, with each parameter
 split over the fsdp axis, one compiled step reused every step, and checkpoints that save whole tensors and resume
 (on XLA or on the CPU)."""
 from types import SimpleNamespace
@@ -16,8 +16,10 @@ import torch_xla.distributed.spmd as xs
 
 import distributed
 import pretrain
+import train
 from configs import MODEL_SIZES
-from model import ModelArgs, Transformer, configure_optimizer
+from model import ModelArgs, Transformer
+from train import configure_optimizer
 
 S = 16
 # The XLA runtime starts (in SPMD mode) before any CPU backward pass: PyTorch's autograd engine sizes its device
@@ -28,7 +30,7 @@ torch.set_num_threads(1)  # the plain-CPU reference: the tiny model's operations
 
 def settings(out_dir, *extra):
     """tiny, 6 steps of 16 sequences = 2 accumulated micro-batches of 8 (XLA: 2 per device x 4 devices)."""
-    return pretrain.parse_config(["--size=tiny", "--stage=pretrain-toy", f"--tokens_per_image={S}",
+    return train.parse_config(["--size=tiny", "--stage=pretrain-toy", f"--tokens_per_image={S}",
                                   "--batch_size=16", "--micro_batch_size=2", "--max_steps=6", "--warmup_steps=2",
                                   "--log_interval=1", "--eval_interval=3", "--eval_iters=1", "--num_samples=0",
                                   "--export_hf=false", "--dtype=float32", "--device=xla", "--xla_fsdp=2",
@@ -54,7 +56,7 @@ def batches(seed, log=None):
 
 
 def run(c, log=None):
-    return pretrain.train(c, batches(0, log), batches(1))
+    return train.train(c, batches(0, log), batches(1))
 
 
 @pytest.fixture(scope="module")

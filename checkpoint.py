@@ -1,0 +1,203 @@
+"""
+Checkpoints: the one way from a file to a model, and the two ways back.
+
+    model = load_model("out/finetune")          # a ckpt.pt of our training (or its folder)
+    model = load_model("LVM_ckpts/7b")          # a Hugging Face LlamaForCausalLM directory: LVM's 7B,
+                                                # DeLVM's 300M / 1B, or our own export
+    save_checkpoint("out/ckpt.pt", state)       # atomic: a crash mid-write leaves the previous file
+    save_hf(model, "out/hf")                    # a directory transformers' from_pretrained reads
+
+A training checkpoint (ckpt.pt) is a dict of tensors and plain values, loaded with weights_only (a
+checkpoint must never run code): model (the state dict), model_args (ModelArgs as a dict), and for
+resuming optimizer, step, data_position, config and rng. Errors are FileNotFoundError (nothing there)
+or ValueError (something there, but not a checkpoint of this model), each one line.
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from model import ModelArgs, Transformer
+
+# (Hugging Face name, our name); "{}" is the layer index. HF gate/up/down = our w1/w3/w2
+HF_NAMES = [
+    ("model.embed_tokens.weight", "tok_embeddings.weight"),
+    ("model.layers.{}.self_attn.q_proj.weight", "layers.{}.attention.wq.weight"),
+    ("model.layers.{}.self_attn.k_proj.weight", "layers.{}.attention.wk.weight"),
+    ("model.layers.{}.self_attn.v_proj.weight", "layers.{}.attention.wv.weight"),
+    ("model.layers.{}.self_attn.o_proj.weight", "layers.{}.attention.wo.weight"),
+    ("model.layers.{}.mlp.gate_proj.weight", "layers.{}.feed_forward.w1.weight"),
+    ("model.layers.{}.mlp.down_proj.weight", "layers.{}.feed_forward.w2.weight"),
+    ("model.layers.{}.mlp.up_proj.weight", "layers.{}.feed_forward.w3.weight"),
+    ("model.layers.{}.input_layernorm.weight", "layers.{}.attention_norm.weight"),
+    ("model.layers.{}.post_attention_layernorm.weight", "layers.{}.ffn_norm.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "output.weight"),
+]
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP prefix the names of a wrapped model
+
+
+def load_model(path, device="cpu", dtype=None):
+    """An eval-mode Transformer from a training checkpoint (a ckpt.pt, or a folder holding one) or a
+    Hugging Face LLaMA directory (config.json + safetensors or pytorch_model.bin, one file or shards).
+    dtype: cast the weights (default: as stored)."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        args, state = _read_hf(path)
+    else:
+        ckpt = load_checkpoint(path, keys=("model", "model_args"))
+        args, state = ModelArgs(**ckpt["model_args"]), {}
+        for name, tensor in ckpt["model"].items():
+            while name.startswith(WRAPPER_PREFIXES):
+                name = name.split(".", 1)[1]
+            state[name] = tensor
+    return model_from_state(args, state, device, dtype, source=path)
+
+
+def model_from_state(args, state, device="cpu", dtype=None, source="the state dict"):
+    """An eval-mode Transformer holding these weights: built on the meta device (no memory for random
+    weights that would be overwritten: it matters at 7B), then given the tensors themselves."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"{source}: the weights do not match the model ({len(missing)} missing, e.g. "
+                         f"{sorted(missing)[:2]}; {len(unexpected)} unexpected, e.g. "
+                         f"{sorted(unexpected)[:2]})")
+    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_rope(device)
+    return model.eval()
+
+
+def load_checkpoint(path, keys=("model", "model_args", "optimizer", "step", "data_position")):
+    """The dict of a ckpt.pt (or of FOLDER/ckpt.pt), checked to hold `keys` (the defaults: what
+    resuming a training run needs)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass a ckpt.pt written by pretrain.py or "
+                                "finetune.py (or its folder), or a Hugging Face LLaMA directory")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    missing = set(keys) - set(ckpt) if isinstance(ckpt, dict) else set(keys)
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this project's training: it lacks "
+                         f"{sorted(missing)}")
+    return ckpt
+
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file, then rename over the old one: a crash while saving leaves the
+    previous checkpoint intact (the rename is atomic)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face LlamaForCausalLM directories (LVM's 7B, DeLVM's 300M/1B): the same weights, other names
+
+
+def rename(name, to_hf=False):
+    """Map a tensor name between the two layouts; None for names with no counterpart (HF's rotary
+    buffers)."""
+    for hf, ours in HF_NAMES:
+        source, target = (ours, hf) if to_hf else (hf, ours)
+        m = re.fullmatch(re.escape(source).replace(r"\{\}", r"(\d+)"), name)
+        if m:
+            return target.format(*m.groups())
+    return None
+
+
+def _args_from_hf_config(cfg):
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ValueError(f"rope scaling {rope} is not supported; only plain RoPE LLaMA checkpoints "
+                         "load")
+    n_heads = cfg["num_attention_heads"]
+    if cfg.get("head_dim", cfg["hidden_size"] // n_heads) != cfg["hidden_size"] // n_heads:
+        raise ValueError("head_dim != hidden_size / num_attention_heads is not supported")
+    return ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                     hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                     rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                     max_seq_len=cfg.get("max_position_embeddings", 4096))
+
+
+def _hf_weight_files(path):
+    """The weight files of a HF checkpoint dir: safetensors (one file or shards) or pytorch_model.bin."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index_name).exists():
+            return sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+    files = [n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()][:1]
+    if not files:
+        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or shard index in {path}; "
+                                "download the whole checkpoint directory (e.g. `huggingface-cli "
+                                "download Emma02/LVM_ckpts --local-dir DIR`) and pass DIR")
+    return files
+
+
+def _read_hf(path):
+    """(ModelArgs, our state dict) of a Hugging Face LLaMA directory."""
+    from safetensors.torch import load_file
+    cfg = json.loads((path / "config.json").read_text())
+    try:
+        args = _args_from_hf_config(cfg)
+    except KeyError as e:
+        raise ValueError(f"{path}/config.json is not a LLaMA config: it lacks {e}") from None
+    state = {}
+    for file in _hf_weight_files(path):
+        tensors = (load_file(str(path / file)) if file.endswith(".safetensors")
+                   else torch.load(path / file, map_location="cpu", weights_only=True, mmap=True))
+        state.update({rename(k): v for k, v in tensors.items() if rename(k) is not None})
+    if "output.weight" not in state and cfg.get("tie_word_embeddings"):
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return args, state
+
+
+def save_hf(model, path, dtype=None, max_shard_bytes=5 * 2**30):
+    """Write a directory that transformers' LlamaForCausalLM.from_pretrained (and load_model) reads."""
+    from safetensors.torch import save_file
+    a, path = model.args, Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {rename(k, to_hf=True): v.detach().to(dtype or v.dtype).contiguous().cpu()
+               for k, v in model.state_dict().items()}
+    dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+              "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
+              "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+              "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+              "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
+              "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+              "torch_dtype": dtype_name, "initializer_range": a.init_std}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    shards, size = [{}], 0  # files of at most max_shard_bytes, as HF splits big models
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name], size = t, size + nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
