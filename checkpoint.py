@@ -2,15 +2,16 @@
 Checkpoints: the one way from a file to a model, and the two ways back.
 
     model = load_model("out/finetune")          # a ckpt.pt of our training (or its folder)
-    model = load_model("LVM_ckpts/7b")          # a Hugging Face LlamaForCausalLM directory: LVM's 7B,
+    model = load_model("LVM_ckpts/7b")          # a Hugging Face LlamaForCausalLM directory: LVM's
+    7B,
                                                 # DeLVM's 300M / 1B, or our own export
     save_checkpoint("out/ckpt.pt", state)       # atomic: a crash mid-write leaves the previous file
     save_hf(model, "out/hf")                    # a directory transformers' from_pretrained reads
 
 A training checkpoint (ckpt.pt) is a dict of tensors and plain values, loaded with weights_only (a
 checkpoint must never run code): model (the state dict), model_args (ModelArgs as a dict), and for
-resuming optimizer, step, data_position, config and rng. Errors are FileNotFoundError (nothing there)
-or ValueError (something there, but not a checkpoint of this model), each one line.
+resuming optimizer, step, data_position, config and rng. Errors are FileNotFoundError (nothing
+there) or ValueError (something there, but not a checkpoint of this model), each one line.
 """
 import json
 import os
@@ -36,13 +37,14 @@ HF_NAMES = [
     ("model.norm.weight", "norm.weight"),
     ("lm_head.weight", "output.weight"),
 ]
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP prefix the names of a wrapped model
+# torch.compile and DDP prefix the names of the model they wrap
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def load_model(path, device="cpu", dtype=None):
     """An eval-mode Transformer from a training checkpoint (a ckpt.pt, or a folder holding one) or a
-    Hugging Face LLaMA directory (config.json + safetensors or pytorch_model.bin, one file or shards).
-    dtype: cast the weights (default: as stored)."""
+    Hugging Face LLaMA directory (config.json + safetensors or pytorch_model.bin, one file or
+    shards). dtype: cast the weights (default: as stored)."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists():
         args, state = _read_hf(path)
@@ -57,14 +59,15 @@ def load_model(path, device="cpu", dtype=None):
 
 
 def model_from_state(args, state, device="cpu", dtype=None, source="the state dict"):
-    """An eval-mode Transformer holding these weights: built on the meta device (no memory for random
-    weights that would be overwritten: it matters at 7B), then given the tensors themselves."""
+    """An eval-mode Transformer holding these weights: built on the meta device (no memory for
+    random weights that would be overwritten: it matters at 7B), then given the tensors
+    themselves."""
     with torch.device("meta"):
         model = Transformer(args)
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     if missing or unexpected:
-        raise ValueError(f"{source}: the weights do not match the model ({len(missing)} missing, e.g. "
-                         f"{sorted(missing)[:2]}; {len(unexpected)} unexpected, e.g. "
+        raise ValueError(f"{source}: the weights do not match the model ({len(missing)} missing, "
+                         f"e.g. {sorted(missing)[:2]}; {len(unexpected)} unexpected, e.g. "
                          f"{sorted(unexpected)[:2]})")
     state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -79,8 +82,9 @@ def load_checkpoint(path, keys=("model", "model_args", "optimizer", "step", "dat
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass a ckpt.pt written by pretrain.py or "
-                                "finetune.py (or its folder), or a Hugging Face LLaMA directory")
+        raise FileNotFoundError(f"no checkpoint at {path}: pass a ckpt.pt written by pretrain.py "
+                                "or finetune.py (or its folder), or a Hugging Face LLaMA directory "
+                                "(config.json + weights)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
     except Exception as e:
@@ -105,7 +109,8 @@ def save_checkpoint(path, checkpoint):
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face LlamaForCausalLM directories (LVM's 7B, DeLVM's 300M/1B): the same weights, other names
+# Hugging Face LlamaForCausalLM directories (LVM's 7B, DeLVM's 300M/1B): the same weights, other
+# names
 
 
 def rename(name, to_hf=False):
@@ -136,15 +141,17 @@ def _args_from_hf_config(cfg):
 
 
 def _hf_weight_files(path):
-    """The weight files of a HF checkpoint dir: safetensors (one file or shards) or pytorch_model.bin."""
+    """The weight files of a HF checkpoint dir: safetensors (one file or shards) or
+    pytorch_model.bin."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index_name).exists():
             return sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
     files = [n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()][:1]
     if not files:
-        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or shard index in {path}; "
-                                "download the whole checkpoint directory (e.g. `huggingface-cli "
-                                "download Emma02/LVM_ckpts --local-dir DIR`) and pass DIR")
+        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or shard index in "
+                                f"{path}; download the whole checkpoint directory (e.g. "
+                                "`huggingface-cli download Emma02/LVM_ckpts --local-dir DIR`) and "
+                                "pass DIR")
     return files
 
 
@@ -167,7 +174,8 @@ def _read_hf(path):
 
 
 def save_hf(model, path, dtype=None, max_shard_bytes=5 * 2**30):
-    """Write a directory that transformers' LlamaForCausalLM.from_pretrained (and load_model) reads."""
+    """Write a directory that transformers' LlamaForCausalLM.from_pretrained (and load_model)
+    reads."""
     from safetensors.torch import save_file
     a, path = model.args, Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -2,17 +2,17 @@
 Opt-in speed for generation: sample.generate(..., compile=True) and `sample.py --compile`. The same
 tokens as the eager loop (a test checks it, token for token); only how fast they come changes:
 
-- the decode step, model and sampling, is compiled once per process with fixed shapes: CUDA graphs on a
-  GPU (one replay per token instead of hundreds of kernel launches), generated C++ on a CPU;
-- sampling runs inside the graph: the Exp(1) noise of sample_next's exponential race is drawn outside,
-  from the caller's generator and in the order the eager loop draws it;
-- the key/value cache is rounded up to a multiple of 256 tokens and kept between calls, so nearby lengths
-  reuse one graph (and its CUDA graphs); the causal mask hides the extra slots;
-- the guards (the checks that a call still fits the compiled graph) run on each call's first step only:
-  the later steps make the very same call;
-- on a CPU a single row through a Linear becomes multiply-and-sum, which the compiler fuses into one pass
-  over the weight at memory speed (the BLAS matrix-vector product it would call streams the weight
-  several times slower on some CPUs: bench/sample.py times both).
+- the decode step, model and sampling, is compiled once per process with fixed shapes: CUDA graphs
+  on a GPU (one replay per token instead of hundreds of kernel launches), generated C++ on a CPU;
+- sampling runs inside the graph: the Exp(1) noise of sample_next's exponential race is drawn
+  outside, from the caller's generator and in the order the eager loop draws it;
+- the key/value cache is rounded up to a multiple of 256 tokens and kept between calls, so nearby
+  lengths reuse one graph (and its CUDA graphs); the causal mask hides the extra slots;
+- the guards (the checks that a call still fits the compiled graph) run on each call's first step
+  only: the later steps make the very same call;
+- on a CPU a single row through a Linear becomes multiply-and-sum, which the compiler fuses into one
+  pass over the weight at memory speed (the BLAS matrix-vector product it would call streams the
+  weight several times slower on some CPUs: bench/sample.py times both).
 """
 import contextlib
 import math
@@ -26,8 +26,8 @@ _compiled = {}  # step function -> its compiled version, built once per process
 
 class MatVecLinear(nn.Linear):
     """nn.Linear (no bias) whose single-row product, inside a compiled graph, is written as
-    multiply-and-sum. Only ever the class of an existing nn.Linear, swapped in by matvec_linears: the
-    same weights, the same state dict."""
+    multiply-and-sum. Only ever the class of an existing nn.Linear, swapped in by matvec_linears:
+    the same weights, the same state dict."""
 
     def forward(self, x):
         if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
@@ -37,7 +37,8 @@ class MatVecLinear(nn.Linear):
 
 @contextlib.contextmanager
 def matvec_linears(model):
-    """The model's bias-free nn.Linear modules are MatVecLinear inside the block, nn.Linear again after."""
+    """The model's bias-free nn.Linear modules are MatVecLinear inside the block, nn.Linear again
+    after."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and m.bias is None]
     for m in linears:
         m.__class__ = MatVecLinear
@@ -49,7 +50,8 @@ def matvec_linears(model):
 
 
 def num_candidates(vocab_size, top_k, codebook_size):
-    """How many tokens sample_next draws among, the width of its noise: top_k, or every allowed id."""
+    """How many tokens sample_next draws among, the width of its noise: top_k, or every allowed
+    id."""
     allowed = min(vocab_size, codebook_size or vocab_size)
     return min(top_k, allowed) if top_k else allowed
 
@@ -65,8 +67,8 @@ def compile_step(step, device):
 
 @contextlib.contextmanager
 def compiled_step(model, batch_size, length, step):
-    """For one generate call of `length` tokens: the cache (rounded up, kept for the next call) and a
-    function of step's signature, step(model, token [B, 1], input_pos [1], temperature, top_k,
+    """For one generate call of `length` tokens: the cache (rounded up, kept for the next call) and
+    a function of step's signature, step(model, token [B, 1], input_pos [1], temperature, top_k,
     codebook_size, generator) -> the next token [B], that runs step compiled."""
     device, dtype = model.output.weight.device, model.output.weight.dtype
     length = min(model.args.max_seq_len, math.ceil(length / CACHE_ROUNDING) * CACHE_ROUNDING)
@@ -83,7 +85,8 @@ def compiled_step(model, batch_size, length, step):
             noise = None
             if temperature > 1e-5:  # the draws sample_next would make, in the same order
                 n = num_candidates(model.args.vocab_size, top_k, codebook_size)
-                noise = torch.empty(token.shape[0], n, device=device).exponential_(1, generator=generator)
+                noise = torch.empty(token.shape[0], n, device=device)
+                noise.exponential_(1, generator=generator)
             # a copy: a CUDA graph overwrites its output when it replays
             token = compiled(model, token, input_pos, temperature=temperature, top_k=top_k,
                              codebook_size=codebook_size, noise=noise).clone()

@@ -1,10 +1,11 @@
 """
 The feature networks behind FID, IS and FVD (evaluate.py's protocols): callables from uint8 images
-[N, 3, H, W] (or clips [N, 3, T, H, W]) to (features [N, D], logits [N, C] or None), each with a `name`.
-Any such object plugs into the protocols.
+[N, 3, H, W] (or clips [N, 3, T, H, W]) to (features [N, D], logits [N, C] or None), each with a
+`name`. Any such object plugs into the protocols.
 
 - standard: the paper's networks, read from local files (nothing is downloaded at run time):
-  Inception-v3 of the ADM evaluator (torch-fidelity) for FID / IS, StyleGAN-V's I3D TorchScript for FVD.
+  Inception-v3 of the ADM evaluator (torch-fidelity) for FID / IS, StyleGAN-V's I3D TorchScript for
+  FVD.
 - tiny: a fixed random conv net; it ranks runs against each other offline, but its numbers are not
   comparable with the paper's.
 """

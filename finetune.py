@@ -149,17 +149,19 @@ def in_context_probe(datasets, seed, num_sequences=16):
 
 def load_stage1(path, size=""):
     """The model to start from, in float32 whatever it was saved in: pretrain.py's checkpoint (its
-    weights; optimizer and step start afresh) or a Hugging Face LLaMA directory (LVM's 7B, DeLVM's)."""
+    weights; optimizer and step start afresh) or a Hugging Face LLaMA directory (LVM's 7B,
+    DeLVM's)."""
     if not path:
-        raise TrainingError("stage 2 starts from stage-1 weights: pass --init_from=out/pretrain (a ckpt.pt "
-                            "of pretrain.py, or its directory) or a Hugging Face LLaMA directory")
+        raise TrainingError("stage 2 starts from stage-1 weights: pass --init_from=out/pretrain (a "
+                            "ckpt.pt of pretrain.py, or its directory) or a Hugging Face LLaMA "
+                            "directory")
     try:
         model = load_model(path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise TrainingError(f"--init_from={path}: {e}") from e
     if size and ModelArgs(**MODEL_SIZES[size]) != model.args:
-        raise TrainingError(f"--init_from={path} holds a model that is not --size={size} ({model.args}); "
-                            "drop --size to use the checkpoint's")
+        raise TrainingError(f"--init_from={path} holds a model that is not --size={size} "
+                            f"({model.args}); drop --size to use the checkpoint's")
     return model
 
 
@@ -173,7 +175,8 @@ def main(argv=None):
         probe = (in_context_probe(val, c.seed) if c.images_per_seq >= 2 * max(IN_CONTEXT_PAIRS) + 2
                  else None)
         train.train(c, sequence_mixture(datasets, mix, c.images_per_seq, c.seed),
-                    sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"), init, probe)
+                    sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"),
+                    init, probe)
     except TrainingError as e:
         sys.exit(f"error: {e}")
     finally:

@@ -1,11 +1,13 @@
 """
-Pictures in and out: the one way a file becomes the pixels the tokenizer sees (token files, sample.py's prompts,
-evaluate.py's queries, VQ-GAN training all read through read_image), and pictures back to files (grids, GIFs).
+Pictures in and out: the one way a file becomes the pixels the tokenizer sees (token files,
+sample.py's prompts, evaluate.py's queries, VQ-GAN training all read through read_image), and
+pictures back to files (grids, GIFs).
 
-A file becomes uint8 [size, size, 3]: EXIF orientation applied, any mode made RGB with transparency on white, the
-shorter side resized to `size`, then the centre square. A picture of at most MAP_COLOURS colours (a segmentation,
-edge or palette map) is resized by nearest neighbour, so it keeps exactly its colours; any other (a photo) is
-resized smoothly (bilinear, antialiased). Class-index maps (one channel) are coloured through a palette.
+A file becomes uint8 [size, size, 3]: EXIF orientation applied, any mode made RGB with transparency
+on white, the shorter side resized to `size`, then the centre square. A picture of at most
+MAP_COLOURS colours (a segmentation, edge or palette map) is resized by nearest neighbour, so it
+keeps exactly its colours; any other (a photo) is resized smoothly (bilinear, antialiased).
+Class-index maps (one channel) are coloured through a palette.
 """
 import json
 import math
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
+# the extensions read as images (a GIF: its first frame) and as videos, by every script
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 MAP_COLOURS = 256  # at most this many colours: a map, resized by nearest neighbour
 
@@ -49,12 +52,13 @@ PALETTES = {
 INDEX_OFFSET = {"ade20k": 1}
 # Cityscapes' label id of each trainId (its *_labelIds maps)
 CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-INDEX_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")  # one-channel PNGs that may hold class indices
+# one-channel PNG modes, which may hold class indices
+INDEX_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 
 
 def load_palette(name_or_file):
-    """A palette by name, or a JSON file of [r, g, b] colours (a list, or {"palette": [...]} as a toy world's
-    meta.json)."""
+    """A palette by name, or a JSON file of [r, g, b] colours (a list, or {"palette": [...]} as a
+    toy world's meta.json)."""
     if name_or_file in PALETTES:
         return PALETTES[name_or_file]
     try:
@@ -69,10 +73,11 @@ def load_palette(name_or_file):
 
 
 def index_lut(palette, offset=0, label_ids=None):
-    """[65536, 3] colour of each class-index value: palette[c] at offset + c (or at label_ids[c]), black
-    elsewhere."""
+    """[65536, 3] colour of each class-index value: palette[c] at offset + c (or at label_ids[c]),
+    black elsewhere."""
     lut = np.zeros((65536, 3), np.uint8)
-    lut[list(label_ids) if label_ids is not None else slice(offset, offset + len(palette))] = palette
+    where = list(label_ids) if label_ids is not None else slice(offset, offset + len(palette))
+    lut[where] = palette
     return lut
 
 
@@ -91,20 +96,23 @@ def annotation_luts(palette, name=None):
 
 
 def to_rgb(img):
-    """Any PIL mode (grayscale, 16-bit, palette, RGBA, CMYK, ...) -> RGB, transparency composited onto white."""
+    """Any PIL mode (grayscale, 16-bit, palette, RGBA, CMYK, ...) -> RGB, transparency composited
+    onto white."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         a = np.asarray(img, dtype=np.float64)
         # 16-bit samples
         a = a * 255 if img.mode == "F" and a.max() <= 1 else a / 257 if a.max() > 255 else a
         img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
     return img.convert("RGB")
 
 
 def square(img, size, resample=None):
-    """Shorter side resized to `size`, then the centre size x size crop. resample: nearest for a map (at most
-    MAP_COLOURS colours: no colour that was not there), bilinear for a photo, unless given."""
+    """Shorter side resized to `size`, then the centre size x size crop. resample: nearest for a map
+    (at most MAP_COLOURS colours: no colour that was not there), bilinear for a photo, unless
+    given."""
     w, h = img.size
     if (w, h) != (size, size):
         if resample is None:
@@ -118,24 +126,26 @@ def square(img, size, resample=None):
 def read_image(src, size):
     """uint8 [size, size, 3] of an image file (a path or a file object)."""
     with Image.open(src) as img:
-        img.draft(None, (size, size))  # JPEG: decode at the smallest DCT scale that still covers size (fast)
+        img.draft(None, (size, size))  # JPEG: decode at the smallest DCT scale that covers size
         return square(to_rgb(ImageOps.exif_transpose(img)), size)
 
 
 def read_annotation(path, size, luts=None):
-    """uint8 [size, size, 3] colour map of an annotation file. With luts (annotation_luts), a one-channel PNG is
-    a class-index map coloured through them (Cityscapes' *_labelIds through its label-id table); any other file
-    is read as read_image reads it."""
+    """uint8 [size, size, 3] colour map of an annotation file. With luts (annotation_luts), a
+    one-channel PNG is a class-index map coloured through them (Cityscapes' *_labelIds through its
+    label-id table); any other file is read as read_image reads it."""
     with Image.open(path) as img:
         if luts and img.mode in INDEX_MODES:
-            lut = luts["label_ids" if Path(path).stem.endswith("_labelIds") and "label_ids" in luts else "index"]
+            label_ids = Path(path).stem.endswith("_labelIds") and "label_ids" in luts
+            lut = luts["label_ids" if label_ids else "index"]
             index = square(img if img.mode in ("L", "P") else img.convert("I"), size, Image.NEAREST)
             return lut[np.clip(index.astype(np.int64), 0, len(lut) - 1)]
     return read_image(path, size)
 
 
 def read_video(path, size, stride=1, max_frames=None):
-    """Every stride-th frame of a video file (PyAV), at most max_frames, each as read_image reads a picture."""
+    """Every stride-th frame of a video file (PyAV), at most max_frames, each as read_image reads a
+    picture."""
     import av  # an optional dependency: only video files need it
     frames = []
     try:
@@ -157,8 +167,9 @@ def read_video(path, size, stride=1, max_frames=None):
 
 
 def read_frames(sources, size, num_frames=None, stride=1):
-    """Frames as uint8 [N, 3, size, size] from image files, one folder of images (sorted by name) or one video
-    file; every stride-th frame, at most num_frames of them. FileNotFoundError says what could not be read."""
+    """Frames as uint8 [N, 3, size, size] from image files, one folder of images (sorted by name) or
+    one video file; every stride-th frame, at most num_frames of them. FileNotFoundError says what
+    could not be read."""
     sources = [Path(s) for s in sources]
     try:
         if len(sources) == 1 and sources[0].suffix.lower() in VIDEO_EXTS and sources[0].is_file():
@@ -169,11 +180,12 @@ def read_frames(sources, size, num_frames=None, stride=1):
                 sources = sorted(p for p in sources[0].iterdir() if p.suffix.lower() in IMAGE_EXTS)
             frames = [read_image(p, size) for p in sources]
     except (Skip, OSError) as e:
-        raise FileNotFoundError(f"cannot read {' '.join(map(str, sources))} ({e}); pass image files, a folder "
-                                "of frames or a video file") from None
+        raise FileNotFoundError(f"cannot read {' '.join(map(str, sources))} ({e}); pass image "
+                                "files, a folder of frames or a video file") from None
     frames = frames[::stride][:num_frames]
     if not frames:
-        raise FileNotFoundError(f"no frames found in {' '.join(map(str, sources)) or 'an empty folder'}")
+        raise FileNotFoundError("no frames found in "
+                                f"{' '.join(map(str, sources)) or 'an empty folder'}")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -182,23 +194,26 @@ def load_image(path, size):
     try:
         return torch.from_numpy(read_image(path, size)).permute(2, 0, 1).contiguous()
     except OSError as e:
-        raise FileNotFoundError(f"cannot read image {str(path)!r} ({e}); pass PNG/JPEG files") from None
+        raise FileNotFoundError(f"cannot read image {str(path)!r} ({e}); pass PNG/JPEG "
+                                "files") from None
 
 
 def load_images(folder, size):
-    """Every image under folder (recursive) as uint8 [N, 3, size, size] in memory; unreadable files are skipped
-    with a line on stderr."""
+    """Every image under folder (recursive) as uint8 [N, 3, size, size] in memory; unreadable files
+    are skipped with a line on stderr."""
     import sys
     from tqdm import tqdm
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist; pass a directory of images")
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist; pass a directory "
+                                "of images")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found under {str(folder)!r}")
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     n = 0
-    for p in tqdm(paths, desc=f"loading {folder}", leave=False, disable=len(paths) < 2000 or not sys.stderr.isatty()):
+    quiet = len(paths) < 2000 or not sys.stderr.isatty()
+    for p in tqdm(paths, desc=f"loading {folder}", leave=False, disable=quiet):
         try:
             out[n] = read_image(p, size)
         except OSError as e:
@@ -220,8 +235,9 @@ def to_uint8(image):
 
 
 def save_grid(rows, path, gap=2, min_size=128):
-    """Write a PNG grid: rows is a list of rows, each a list of images [3, H, W] (uint8, or float in [0, 1]; all
-    of one size) or None for a blank cell. Small images are scaled up (nearest) to at least min_size pixels."""
+    """Write a PNG grid: rows is a list of rows, each a list of images [3, H, W] (uint8, or float in
+    [0, 1]; all of one size) or None for a blank cell. Small images are scaled up (nearest) to at
+    least min_size pixels."""
     cells = [im for row in rows for im in row if im is not None]
     if not cells:
         raise ValueError("save_grid got no images")
@@ -231,15 +247,18 @@ def save_grid(rows, path, gap=2, min_size=128):
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             if image is not None:
-                canvas[r * (H + gap):r * (H + gap) + H, c * (W + gap):c * (W + gap) + W] = to_uint8(image)
+                top, left = r * (H + gap), c * (W + gap)
+                canvas[top:top + H, left:left + W] = to_uint8(image)
     grid = Image.fromarray(canvas)
     scale = max(1, math.ceil(min_size / H))
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
 
 
 def save_gif(frames, path, fps=4, min_size=128):
-    """Write frames [N, 3, H, W] (uint8 or float in [0, 1]) as a looping GIF, small frames scaled up."""
+    """Write frames [N, 3, H, W] (uint8 or float in [0, 1]) as a looping GIF, small frames scaled
+    up."""
     scale = max(1, math.ceil(min_size / frames.shape[-2]))
     images = [Image.fromarray(to_uint8(f)) for f in frames]
     images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps),
+                   loop=0)

@@ -3,8 +3,9 @@ The LVM-Lite decoder: a LLaMA-2 style transformer over VQ-GAN image tokens (pape
 
 Read top to bottom: ModelArgs -> RMSNorm -> rotary embeddings -> the key/value cache -> Attention ->
 FeedForward (SwiGLU) -> TransformerBlock -> Transformer, then the paper's FLOP count (Table 4).
-Training calls model(idx, targets); generation (sample.py) fills the cache with model(idx, input_pos=...).
-Loading and saving checkpoints (ours, Hugging Face LLaMA directories such as LVM's 7B): checkpoint.py.
+Training calls model(idx, targets); generation (sample.py) fills the cache with model(idx,
+input_pos=...). Loading and saving checkpoints (ours, Hugging Face LLaMA directories such as LVM's
+7B): checkpoint.py.
 
     python model.py --size 300M      # parameter count and forward TFLOPs at 256 and 4096 tokens
 """
@@ -184,9 +185,9 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, input_pos=None):
         """idx: [B, T] token ids. Training: positions 0..T-1; returns (logits [B, T, V], the mean
-        cross-entropy against targets, or None). Generation: input_pos [T] gives the positions of idx
-        in the cache (setup_cache first); their keys/values go into it, and only the last position's
-        logits [B, 1, V] come back (all that choosing the next token needs)."""
+        cross-entropy against targets, or None). Generation: input_pos [T] gives the positions of
+        idx in the cache (setup_cache first); their keys/values go into it, and only the last
+        position's logits [B, 1, V] come back (all that choosing the next token needs)."""
         T = idx.shape[1]
         if input_pos is None:
             if T > self.args.max_seq_len:

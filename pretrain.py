@@ -1,6 +1,6 @@
 """
-Stage 1 of LVM-Lite (paper 2.2): next-token training on single images of 256 VQ-GAN tokens, from random
-weights. The loop is train.py's; this script brings stage 1's settings and sequences.
+Stage 1 of LVM-Lite (paper 2.2): next-token training on single images of 256 VQ-GAN tokens, from
+random weights. The loop is train.py's; this script brings stage 1's settings and sequences.
 
     python pretrain.py --size=300M --data=data/laion/train --val_data=data/laion/val \\
         --micro_batch_size=64
@@ -10,8 +10,8 @@ weights. The loop is train.py's; this script brings stage 1's settings and seque
     python pretrain.py --size=tiny --stage=pretrain-toy --data=data/toy_tokens/train_images \\
         --val_data=data/toy_tokens/val_images --out_dir=out/toy-pretrain --device=cpu
 
-Every setting (train.SETTINGS) and every Table 8 value of the stage (configs.STAGES) can be changed as
---key=value. The global batch (--batch_size sequences) = micro_batch_size x devices x
+Every setting (train.SETTINGS) and every Table 8 value of the stage (configs.STAGES) can be changed
+as --key=value. The global batch (--batch_size sequences) = micro_batch_size x devices x
 gradient-accumulation steps. Output in --out_dir: ckpt.pt (every eval_interval steps, written
 atomically; --resume continues from it), metrics.jsonl, samples_<step>.png and, at the end, hf/
 (Hugging Face LLaMA layout). --images_per_seq=16 trains on LVM's random 16-image sequences instead
@@ -29,9 +29,10 @@ SETTINGS = train.SETTINGS  # stage 1's defaults are the shared ones: --stage=pre
 
 
 def image_sequences(datasets, images_per_seq, seed):
-    """Stage 1 batches: sequence i holds images i*n .. i*n+n-1 of a random order of all images, drawn
-    anew each epoch. Every image is read once per epoch, and no two ranks (different i) read the same
-    image in a step. images_per_seq > 1 gives LVM's random 16-image sequences (Table 4's baseline)."""
+    """Stage 1 batches: sequence i holds images i*n .. i*n+n-1 of a random order of all images,
+    drawn anew each epoch. Every image is read once per epoch, and no two ranks (different i) read
+    the same image in a step. images_per_seq > 1 gives LVM's random 16-image sequences (Table 4's
+    baseline)."""
     sizes = np.array([len(d.tokens) for d in datasets])
     starts, total = np.concatenate([[0], np.cumsum(sizes)[:-1]]), int(sizes.sum())
     per_image = datasets[0].tokens.shape[1]

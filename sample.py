@@ -1,22 +1,24 @@
 """
 In-context visual generation (paper 2.1, 2.4): prompt the model with images, get images back.
 
-An LVM prompt is images turned into VQ-GAN codes and concatenated (no start, separator or end tokens);
-the model continues the sequence one code at a time (top-k sampling with temperature), and the new codes
-are decoded back to pixels.
+An LVM prompt is images turned into VQ-GAN codes and concatenated (no start, separator or end
+tokens); the model continues the sequence one code at a time (top-k sampling with temperature), and
+the new codes are decoded back to pixels.
 
     # an in-context task: one or more "A, B" example pairs, then the query A; generates its B
     python sample.py --model out/ckpt.pt --vqgan out/vqgan_toy --prompt a1.png b1.png --query q.png
-    # video continuation: 5 frames (files, a folder of frames, or a video file) -> 11 new frames + a GIF
+    # video continuation: 5 frames (files, a folder of frames, or a video file) -> 11 new frames + a
+    # GIF
     python sample.py --model out/ckpt.pt --vqgan out/vqgan_toy --frames clip.mp4 --num_new 11
     # unconditional images from a stage-1 (single-image) model
     python sample.py --model out/ckpt.pt --vqgan out/vqgan_toy --unconditional --num_samples 16
     # LVM's released 7B (a Hugging Face LLaMA directory) and tokenizer, with the compiled step
-    python sample.py --model LVM_ckpts/7b --vqgan vqvae_ckpts --prompt a.png b.png --query q.png --compile
+    python sample.py --model LVM_ckpts/7b --vqgan vqvae_ckpts --prompt a.png b.png --query q.png \\
+        --compile
 
 Read top to bottom: sample_next (choosing a token) -> prefill and decode_one_token -> generate (the
-loop) -> sample_images (images in, images out) -> the command line. --compile swaps in a compiled decode
-step with the same tokens (fast_decode.py).
+loop) -> sample_images (images in, images out) -> the command line. --compile swaps in a compiled
+decode step with the same tokens (fast_decode.py).
 """
 import argparse
 import contextlib
@@ -35,10 +37,10 @@ from vqgan import codes_per_image, images_to_tokens, load_pretrained, tokens_to_
 
 
 def sample_next(logits, temperature=1.0, top_k=100, codebook_size=None, generator=None, noise=None):
-    """logits [B, V] -> next token ids [B]: softmax(logits / T) over the top_k largest (all when top_k
-    is 0 or None), or argmax when T <= 1e-5. codebook_size: only ids below it (image codes) can come out,
-    e.g. 8192 of LVM's 8292-token vocabulary. noise: the Exp(1) draws to use, [B, candidates]; drawn
-    from generator when None."""
+    """logits [B, V] -> next token ids [B]: softmax(logits / T) over the top_k largest (all when
+    top_k is 0 or None), or argmax when T <= 1e-5. codebook_size: only ids below it (image codes)
+    can come out, e.g. 8192 of LVM's 8292-token vocabulary. noise: the Exp(1) draws to use, [B,
+    candidates]; drawn from generator when None."""
     if codebook_size is not None:
         logits = logits[:, :codebook_size]  # the same as -inf logits for the unused slots
     if temperature <= 1e-5:
@@ -59,27 +61,28 @@ def sample_next(logits, temperature=1.0, top_k=100, codebook_size=None, generato
 
 
 def window_start(length, max_len, tokens_per_image):
-    """Index of the first token the model sees when predicting token `length`: whole images are dropped
-    from the front until at most max_len tokens remain, so positions never leave the range the model
-    was trained on."""
+    """Index of the first token the model sees when predicting token `length`: whole images are
+    dropped from the front until at most max_len tokens remain, so positions never leave the range
+    the model was trained on."""
     if length <= max_len:
         return 0
     if not tokens_per_image:
-        raise ValueError(f"the sequence ({length} tokens) outgrows the model's context ({max_len}); "
-                         "pass tokens_per_image so generation can slide the window image by image")
+        raise ValueError(f"the sequence ({length} tokens) outgrows the model's context "
+                         f"({max_len}); pass tokens_per_image so generation can slide the "
+                         "window image by image")
     return math.ceil((length - max_len) / tokens_per_image) * tokens_per_image
 
 
 def prefill(model, tokens):
-    """Run a whole context [B, T] at positions 0..T-1, filling the cache; logits of its last position
-    [B, V]."""
+    """Run a whole context [B, T] at positions 0..T-1, filling the cache; logits of its last
+    position [B, V]."""
     return model(tokens, input_pos=torch.arange(tokens.shape[1], device=tokens.device))[0][:, -1]
 
 
 def decode_one_token(model, token, input_pos, temperature=1.0, top_k=100, codebook_size=None,
                      generator=None, noise=None):
-    """One token [B, 1] at position input_pos [1], attending to the cache, and the token that follows
-    it [B], chosen by sample_next."""
+    """One token [B, 1] at position input_pos [1], attending to the cache, and the token that
+    follows it [B], chosen by sample_next."""
     logits = model(token, input_pos=input_pos)[0][:, -1]
     return sample_next(logits, temperature, top_k, codebook_size, generator, noise)
 
@@ -87,7 +90,8 @@ def decode_one_token(model, token, input_pos, temperature=1.0, top_k=100, codebo
 @contextlib.contextmanager
 def decoding(model, batch_size, length, compile=False):
     """The step that decodes one token, with a key/value cache for one generate call: allocated once
-    (never per token) and freed after it. compile: fast_decode's compiled step and its cache instead."""
+    (never per token) and freed after it. compile: fast_decode's compiled step and its cache
+    instead."""
     if compile:
         with fast_decode.compiled_step(model, batch_size, length, decode_one_token) as step:
             yield step
@@ -102,19 +106,20 @@ def decoding(model, batch_size, length, compile=False):
 @torch.inference_mode()
 def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, codebook_size=None,
              generator=None, tokens_per_image=None, progress=False, compile=False):
-    """Continue prompt_tokens [B, T] (int64) by max_new_tokens tokens; returns [B, T + max_new_tokens].
+    """Continue prompt_tokens [B, T] (int64) by max_new_tokens tokens; returns [B, T +
+    max_new_tokens].
 
     Never stops early (image codes have no end token). temperature <= 1e-5 is greedy; codebook_size
-    restricts sampling to image codes; generator (on the model's device) makes sampling reproducible.
-    When the sequence outgrows model.args.max_seq_len, the oldest whole images (tokens_per_image each)
-    are dropped and the kept context is run again from position 0. compile: the same tokens from a
-    compiled decode step (fast_decode.py); the first call compiles it."""
+    restricts sampling to image codes; generator (on the model's device) makes sampling
+    reproducible. When the sequence outgrows model.args.max_seq_len, the oldest whole images
+    (tokens_per_image each) are dropped and the kept context is run again from position 0. compile:
+    the same tokens from a compiled decode step (fast_decode.py); the first call compiles it."""
     B, T = prompt_tokens.shape
     max_len, total = model.args.max_seq_len, T + max_new_tokens
     if T == 0:
         raise ValueError("generate needs at least one prompt token (there is no start token); "
-                         "sample_images(model, vqgan, None, ...) starts unconditional images from a "
-                         "random first code")
+                         "sample_images(model, vqgan, None, ...) starts unconditional images "
+                         "from a random first code")
     if tokens_per_image and tokens_per_image > max_len:
         raise ValueError(f"an image of {tokens_per_image} tokens does not fit the model's context "
                          f"of {max_len}")
@@ -139,9 +144,9 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
 
 def sample_images(model, vqgan, prompt_images, num_new_images, num_samples=1, temperature=1.0,
                   top_k=100, generator=None, compile=False, progress=False):
-    """Generate num_new_images images after each prompt: prompt_images [B, n, 3, H, W] (uint8 or float in
-    [0, 1], e.g. A1, B1, ..., query; or video frames), each sampled num_samples times; None gives
-    num_samples unconditional images (the model has no start token, so the first code is drawn
+    """Generate num_new_images images after each prompt: prompt_images [B, n, 3, H, W] (uint8 or
+    float in [0, 1], e.g. A1, B1, ..., query; or video frames), each sampled num_samples times; None
+    gives num_samples unconditional images (the model has no start token, so the first code is drawn
     uniformly from the codebook). Returns float [B * num_samples, num_new_images, 3, H, W] in [0, 1]
     on the CPU, a prompt's samples adjacent."""
     device = model.output.weight.device
@@ -151,7 +156,8 @@ def sample_images(model, vqgan, prompt_images, num_new_images, num_samples=1, te
                          f"VQ-GAN codebook ({K}): this model was not trained on this tokenizer")
     if prompt_images is None:
         gen_device = generator.device if generator is not None else device
-        prompt = torch.randint(K, (num_samples, 1), generator=generator, device=gen_device).to(device)
+        prompt = torch.randint(K, (num_samples, 1), generator=generator, device=gen_device)
+        prompt = prompt.to(device)
         new = num_new_images * S - 1
     else:
         B, n, _, H, W = prompt_images.shape

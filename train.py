@@ -1,12 +1,12 @@
 """
-The training loop both stages share (paper 2.2, 2.3): next-token prediction on token sequences, AdamW
-with Table 8's schedule, gradient accumulation, checkpoints that resume exactly. pretrain.py (stage 1,
-single images) and finetune.py (stage 2, 16-image sequences) are its entry points: each brings its
-settings, its starting weights and its sequences, then calls train().
+The training loop both stages share (paper 2.2, 2.3): next-token prediction on token sequences,
+AdamW with Table 8's schedule, gradient accumulation, checkpoints that resume exactly. pretrain.py
+(stage 1, single images) and finetune.py (stage 2, 16-image sequences) are its entry points: each
+brings its settings, its starting weights and its sequences, then calls train().
 
-Read top to bottom: settings -> the learning rate and optimizer (Table 8) -> data -> train(), the loop,
-then the steps it takes in the order it takes them. Where it runs (a CPU or GPU, DDP, FSDP2, a TPU mesh)
-is distributed.py's concern: the loop calls its functions and never asks which.
+Read top to bottom: settings -> the learning rate and optimizer (Table 8) -> data -> train(), the
+loop, then the steps it takes in the order it takes them. Where it runs (a CPU or GPU, DDP, FSDP2, a
+TPU mesh) is distributed.py's concern: the loop calls its functions and never asks which.
 """
 import argparse
 import json
@@ -28,17 +28,18 @@ from model import ModelArgs, Transformer, estimate_flops
 from sample import generate
 from vqgan import load_pretrained, tokens_to_images
 
-# name: (default, help). An entry script adds its own and changes defaults; the stage's Table 8 values
-# (configs.STAGES) are added to these by parse_config.
+# name: (default, help). An entry script adds its own and changes defaults; the stage's Table 8
+# values (configs.STAGES) are added to these by parse_config.
 SETTINGS = {
     "size": ("300M", "model size: a key of configs.MODEL_SIZES"),
-    "stage": ("pretrain", "optimisation defaults: a key of configs.STAGES (Table 8), e.g. pretrain-toy"),
+    "stage": ("pretrain", "optimisation defaults: a key of configs.STAGES (Table 8), e.g. "
+                          "pretrain-toy"),
     "data": ("", "training token files (tokenize_data.py), comma-separated path prefixes: data/x "
                  "for data/x.tokens"),
     "val_data": ("", "held-out token files for the validation loss and the sample grid "
                      "(default: --data)"),
-    "out_dir": ("out/pretrain", "checkpoint, metrics.jsonl, sample grids and the final Hugging Face "
-                                "export"),
+    "out_dir": ("out/pretrain", "checkpoint, metrics.jsonl, sample grids and the final Hugging "
+                                "Face export"),
     "micro_batch_size": (32, "sequences per device per forward pass; batch_size is reached by "
                              "accumulation"),
     "log_interval": (10, "steps between progress lines (each waits for the device)"),
@@ -48,23 +49,27 @@ SETTINGS = {
     "vqgan": ("", "VQ-GAN (path or name for vqgan.load_pretrained) to draw the grid; default: "
                   "token-id pictures"),
     "seed": (1337, "seeds the initial weights, the data order and the sample grid"),
-    "device": ("auto", "cpu | cuda | xla | auto (a GPU if there is one, XLA when PJRT_DEVICE is set, "
-                       "else cpu)"),
-    "dtype": ("auto", "float32 | bfloat16 (autocast) | auto (bfloat16 on GPU and TPU, float32 on CPU)"),
+    "device": ("auto", "cpu | cuda | xla | auto (a GPU if there is one, XLA when PJRT_DEVICE is "
+                       "set, else cpu)"),
+    "dtype": ("auto", "float32 | bfloat16 (autocast) | auto (bfloat16 on GPU and TPU, float32 on "
+                      "CPU)"),
     "compile": (True, "torch.compile the model (GPU only)"),
-    "parallel": ("ddp", "under torchrun: ddp (a replica per GPU) or fsdp (fully_shard, for models too "
-                        "big to copy)"),
-    "xla_fsdp": (0, "XLA: devices along the mesh's fsdp axis (0: all); the others form its data axis"),
-    "resume": (False, "continue from out_dir/ckpt.pt: weights, optimizer, step, RNG and data position"),
+    "parallel": ("ddp", "under torchrun: ddp (a replica per GPU) or fsdp (fully_shard, for models "
+                        "too big to copy)"),
+    "xla_fsdp": (0, "XLA: devices along the mesh's fsdp axis (0: all); the others form its data "
+                    "axis"),
+    "resume": (False, "continue from out_dir/ckpt.pt: weights, optimizer, step, RNG and data "
+                      "position"),
     "stop_at": (0, "end this run after this step (0: at max_steps), e.g. to fit a time limit; "
                    "--resume continues"),
-    "export_hf": (True, "when max_steps is reached, write out_dir/hf in the Hugging Face LLaMA layout"),
+    "export_hf": (True, "when max_steps is reached, write out_dir/hf in the Hugging Face LLaMA "
+                        "layout"),
 }
 
 
 class TrainingError(Exception):
-    """A problem the user can fix (data, settings, checkpoint, divergence): an entry script prints it
-    and exits with 1."""
+    """A problem the user can fix (data, settings, checkpoint, divergence): an entry script prints
+    it and exits with 1."""
 
 
 def parse_config(argv=None, settings=SETTINGS, description=None):
@@ -88,8 +93,8 @@ def parse_config(argv=None, settings=SETTINGS, description=None):
 
 
 def learning_rate(step, lr, min_lr, warmup_steps, decay_steps):
-    """Table 8: linear warm-up to lr over warmup_steps, then cosine decay to min_lr at decay_steps (held
-    after)."""
+    """Table 8: linear warm-up to lr over warmup_steps, then cosine decay to min_lr at decay_steps
+    (held after)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
@@ -97,7 +102,8 @@ def learning_rate(step, lr, min_lr, warmup_steps, decay_steps):
 
 
 def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
-    """Table 8: AdamW (0.9, 0.95), weight decay 0.1 on matrices and embeddings, none on RMSNorm gains."""
+    """Table 8: AdamW (0.9, 0.95), weight decay 0.1 on matrices and embeddings, none on RMSNorm
+    gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -106,10 +112,10 @@ def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_t
 
 
 # -----------------------------------------------------------------------------
-# data: token files (data.py's contract) -> int64 sequences. A batch function get(first, count) returns
-# sequences first .. first+count-1 of an endless, deterministic stream, so that a rank reads its own
-# slice of each step's global batch and a resumed run continues with the very sequences it would have
-# read.
+# data: token files (data.py's contract) -> int64 sequences. A batch function get(first, count)
+# returns sequences first .. first+count-1 of an endless, deterministic stream, so that a rank reads
+# its own slice of each step's global batch and a resumed run continues with the very sequences it
+# would have read.
 
 
 def open_token_files(prefixes, c, flag="--data"):
@@ -118,14 +124,14 @@ def open_token_files(prefixes, c, flag="--data"):
     for prefix in [p for p in prefixes.split(",") if p]:
         try:
             data = load_tokens(prefix)
-        except (OSError, ValueError, KeyError, TypeError) as e:  # missing files, bad JSON, wrong size
+        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, bad JSON, wrong size
             raise TrainingError(f"{flag}: cannot read the token files {prefix}.tokens / "
                                 f"{prefix}.json ({e}); write them with tokenize_data.py") from e
         per_image = data.meta.get("tokens_per_image")
         if per_image != c.tokens_per_image:
-            raise TrainingError(f"{flag}: {prefix} has {per_image} tokens per image but the stage "
-                                f"expects {c.tokens_per_image}: pass --tokens_per_image={per_image} or "
-                                "use matching data")
+            raise TrainingError(f"{flag}: {prefix} has {per_image} tokens per image but the "
+                                f"stage expects {c.tokens_per_image}: pass "
+                                f"--tokens_per_image={per_image} or use matching data")
         datasets.append(data)
     if not datasets:
         raise TrainingError(f"no {flag} given: pass {flag}=PREFIX, token files PREFIX.tokens + "
@@ -145,9 +151,9 @@ def open_train_and_val(c):
 
 def micro_batches(tokens, accum):
     """[n, T] sequences -> accum micro-batches of inputs and targets. Targets are the inputs shifted
-    left by one (next-token prediction); the last position, with no next token, gets -1 (ignored by the
-    loss). Shapes stay [n / accum, T], so the loss is the paper's sum over m = 1 .. L-1 of
-    -log p(z_m+1 | z_1..m), averaged."""
+    left by one (next-token prediction); the last position, with no next token, gets -1 (ignored by
+    the loss). Shapes stay [n / accum, T], so the loss is the paper's sum over m = 1 .. L-1 of -log
+    p(z_m+1 | z_1..m), averaged."""
     targets = np.concatenate([tokens[:, 1:], np.full((len(tokens), 1), -1, dtype=np.int64)], axis=1)
     return np.split(tokens, accum), np.split(targets, accum)
 
@@ -155,8 +161,8 @@ def micro_batches(tokens, accum):
 def check_token_ids(tokens, vocab_size):
     if tokens.min() < 0 or tokens.max() >= vocab_size:
         raise TrainingError(f"token id {tokens.max()} is outside the model's vocabulary "
-                            f"(0..{vocab_size - 1}): the data was tokenized with a bigger codebook; use "
-                            "the model's VQ-GAN or a matching --size")
+                            f"(0..{vocab_size - 1}): the data was tokenized with a bigger "
+                            "codebook; use the model's VQ-GAN or a matching --size")
 
 
 # -----------------------------------------------------------------------------
@@ -165,9 +171,10 @@ def check_token_ids(tokens, vocab_size):
 
 def train(c, get_batch, get_eval_batch, init=None, probe=None):
     """Train with settings c (parse_config). get_batch(first, count) / get_eval_batch(first, count)
-    return int64 sequences [count, images_per_seq * tokens_per_image]. init: a Transformer whose weights
-    to start from (stage 2) instead of random ones; probe(model) -> dict, if given, is logged at each
-    evaluation (stage 2's in-context accuracy). Returns the metrics this run logged."""
+    return int64 sequences [count, images_per_seq * tokens_per_image]. init: a Transformer whose
+    weights to start from (stage 2) instead of random ones; probe(model) -> dict, if given, is
+    logged at each evaluation (stage 2's in-context accuracy). Returns the metrics this run
+    logged."""
     env, dtype = setup_device(c)
     out_dir = Path(c.out_dir)
     ckpt_path, metrics_path = out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
@@ -184,7 +191,8 @@ def train(c, get_batch, get_eval_batch, init=None, probe=None):
     model = distributed.wrap_model(raw_model, env, c.compile)
     optimizer = configure_optimizer(raw_model, c.lr, c.weight_decay, (c.beta1, c.beta2),
                                     env.device_type)
-    step, seen = resume(ckpt, optimizer, env, metrics_path) if ckpt else (0, 0)  # seen: data position
+    # seen: the sequences all ranks have read, the position in the data streams
+    step, seen = resume(ckpt, optimizer, env, metrics_path) if ckpt else (0, 0)
     last_saved = step if ckpt else None
     autocast = distributed.autocast(env, dtype)
     step_fn, eval_fn = distributed.trace(train_step, env), distributed.trace(eval_step, env)
@@ -193,9 +201,10 @@ def train(c, get_batch, get_eval_batch, init=None, probe=None):
     last = min(c.max_steps, c.stop_at or c.max_steps)
     if env.is_main:
         print(f"model: {raw_model.num_params() / 1e6:.1f}M parameters ({args}); device: "
-              f"{env.num_devices} x {distributed.device_name(env)}, {env.parallel}, {dtype}; batch: "
-              f"{c.batch_size} x {seq_len} tokens = {accum} accumulation x {c.micro_batch_size} x "
-              f"{env.num_devices} devices; steps {step} -> {last} of {c.max_steps}")
+              f"{env.num_devices} x {distributed.device_name(env)}, {env.parallel}, {dtype}; "
+              f"batch: {c.batch_size} x {seq_len} tokens = {accum} accumulation x "
+              f"{c.micro_batch_size} x {env.num_devices} devices; steps {step} -> {last} of "
+              f"{c.max_steps}")
     metrics, vqgan, loss_sum, steps_since, t0 = [], None, 0.0, 0, time.time()
     while step < last:
         lr = learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
@@ -221,7 +230,7 @@ def train(c, get_batch, get_eval_batch, init=None, probe=None):
         check_finite(record, ckpt_path, last_saved)
         whole = None  # a whole copy of the weights on the main process: probe, grid, checkpoint
         if evaluating:
-            model_state, optim_state = distributed.full_state(raw_model, optimizer, env)  # all ranks
+            model_state, optim_state = distributed.full_state(raw_model, optimizer, env)
             if env.is_main and (probe or c.num_samples):
                 whole = model_from_state(args, model_state, sample_device(env))
             if whole is not None and probe:
@@ -237,7 +246,7 @@ def train(c, get_batch, get_eval_batch, init=None, probe=None):
                                      vqgan)
             last_saved = step
             distributed.barrier(env)
-        loss_sum, steps_since, t0 = 0.0, 0, time.time()  # evaluating and saving is not training time
+        loss_sum, steps_since, t0 = 0.0, 0, time.time()  # evaluating, saving: not training time
 
     if step >= c.max_steps and c.export_hf:
         export_hf(raw_model, optimizer, args, out_dir, env)
@@ -267,17 +276,17 @@ def resume_checkpoint(path):
 
 
 def model_args(c, ckpt, init):
-    """The model to train: the checkpoint's when resuming (it must be the one asked for), else init's
-    (stage 2), else --size's."""
+    """The model to train: the checkpoint's when resuming (it must be the one asked for), else
+    init's (stage 2), else --size's."""
     wanted = init.args if init is not None else ModelArgs(**MODEL_SIZES[c.size]) if c.size else None
     if ckpt is None:
         return wanted
     args = ModelArgs(**ckpt["model_args"])
     if wanted is not None and wanted != args:
-        diff = ", ".join(f"{k}={v} (asked: {getattr(wanted, k)})" for k, v in ckpt["model_args"].items()
-                         if getattr(wanted, k) != v)
-        raise TrainingError(f"{c.out_dir}/ckpt.pt holds a different model: {diff}; pass the --size it "
-                            "was trained with or another --out_dir")
+        diff = ", ".join(f"{k}={v} (asked: {getattr(wanted, k)})"
+                         for k, v in ckpt["model_args"].items() if getattr(wanted, k) != v)
+        raise TrainingError(f"{c.out_dir}/ckpt.pt holds a different model: {diff}; pass the --size "
+                            "it was trained with or another --out_dir")
     return args
 
 
@@ -291,7 +300,8 @@ def batch_layout(c, args, env):
     per_micro_step = c.micro_batch_size * env.num_devices
     if c.batch_size % per_micro_step:
         raise TrainingError(f"--batch_size={c.batch_size} is not a multiple of micro_batch_size x "
-                            f"devices = {c.micro_batch_size} x {env.num_devices}; change one of them")
+                            f"devices = {c.micro_batch_size} x {env.num_devices}; change one of "
+                            "them")
     return seq_len, c.batch_size // per_micro_step, c.batch_size // env.world_size
 
 
@@ -312,7 +322,7 @@ def train_step(model, optimizer, inputs, targets, autocast, grad_clip):
     update. Returns the mean loss as a device scalar (reading it would wait for the device)."""
     total = 0.0
     for i, (x, y) in enumerate(zip(inputs, targets)):
-        distributed.set_gradient_sync(model, i == len(inputs) - 1)  # reduce across ranks once a step
+        distributed.set_gradient_sync(model, i == len(inputs) - 1)  # reduce across ranks once
         with autocast:
             _, loss = model(x, y)
         (loss / len(inputs)).backward()
@@ -329,8 +339,8 @@ def eval_step(model, x, y, autocast):
 
 
 def evaluate(model, eval_fn, get_eval_batch, autocast, c, env, vocab_size):
-    """The validation loss: eval_iters micro-batches per device of the held-out stream, averaged over
-    ranks."""
+    """The validation loss: eval_iters micro-batches per device of the held-out stream, averaged
+    over ranks."""
     local = c.micro_batch_size * env.local_devices
     total = 0.0
     for i in range(c.eval_iters):
@@ -343,11 +353,12 @@ def evaluate(model, eval_fn, get_eval_batch, autocast, c, env, vocab_size):
 
 def check_finite(record, ckpt_path, last_saved):
     if not all(math.isfinite(record[k]) for k in ("loss", "val_loss") if k in record):
-        kept = (f"the last good checkpoint {ckpt_path} (step {last_saved}) is untouched" if last_saved
-                else "no checkpoint was written")
-        raise TrainingError(f"the loss became {record['loss']} (validation {record.get('val_loss')}) "
-                            f"by step {record['step']}: training diverged and stops here; {kept}. "
-                            "Lower --lr or --grad_clip, or lengthen --warmup_steps, then --resume")
+        kept = (f"the last good checkpoint {ckpt_path} (step {last_saved}) is untouched"
+                if last_saved else "no checkpoint was written")
+        raise TrainingError(f"the loss became {record['loss']} (validation "
+                            f"{record.get('val_loss')}) by step {record['step']}: training "
+                            f"diverged and stops here; {kept}. Lower --lr or --grad_clip, or "
+                            "lengthen --warmup_steps, then --resume")
 
 
 def log(record, path, env, max_steps):
@@ -357,8 +368,9 @@ def log(record, path, env, max_steps):
         return
     mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] else "n/a"
     val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
-    print(f"step {record['step']}/{max_steps} | loss {record['loss']:.4f}{val} | lr {record['lr']:.2e} "
-          f"| {record['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {mfu} | {record['ms_per_step']:.0f} ms/step")
+    print(f"step {record['step']}/{max_steps} | loss {record['loss']:.4f}{val} | lr "
+          f"{record['lr']:.2e} | {record['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {mfu} | "
+          f"{record['ms_per_step']:.0f} ms/step")
     for name, accuracy in record.get("in_context", {}).items():
         print(f"  in-context, {name}: answer tokens right (greedy) after "
               + ", ".join(f"{k} pairs {v:.0f}%" for k, v in accuracy.items()))
@@ -367,13 +379,14 @@ def log(record, path, env, max_steps):
 
 
 def sample_device(env):
-    """Sampling runs on the main process with a whole copy of the model: on its GPU, or on the host."""
+    """Sampling runs on the main process with a whole copy of the model: on its GPU, or on the
+    host."""
     return env.device if env.device_type == "cuda" else torch.device("cpu")
 
 
 def save_samples(model, get_eval_batch, c, path, vqgan):
-    """The sample grid of an evaluation (c.num_samples rows, none if 0); returns the VQ-GAN that draws
-    it, loaded the first time."""
+    """The sample grid of an evaluation (c.num_samples rows, none if 0); returns the VQ-GAN that
+    draws it, loaded the first time."""
     if not c.num_samples:
         return vqgan
     if c.vqgan and vqgan is None:
@@ -383,9 +396,9 @@ def save_samples(model, get_eval_batch, c, path, vqgan):
 
 
 def save_sample_grid(model, tokens, c, path, vqgan=None):
-    """The model completes the last image of a few validation sequences from everything before it plus
-    its top quarter (there is no start token, so some of the image is given). One row per sequence: up
-    to 3 images before the last, the true last image, the model's completion."""
+    """The model completes the last image of a few validation sequences from everything before it
+    plus its top quarter (there is no start token, so some of the image is given). One row per
+    sequence: up to 3 images before the last, the true last image, the model's completion."""
     S = c.tokens_per_image
     device = model.output.weight.device
     prompt = torch.from_numpy(tokens[:, :tokens.shape[1] - S + S // 4]).to(device)
@@ -402,9 +415,11 @@ def save_sample_grid(model, tokens, c, path, vqgan=None):
 
 
 def token_pictures(tokens, tokens_per_image, vocab_size):
-    """Without a VQ-GAN: each image's token ids as a square of colours (a fixed random colour per id)."""
+    """Without a VQ-GAN: each image's token ids as a square of colours (a fixed random colour per
+    id)."""
     side = math.isqrt(tokens_per_image)
-    palette = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (vocab_size, 3), dtype=np.uint8))
+    colours = np.random.default_rng(0).integers(0, 256, (vocab_size, 3), dtype=np.uint8)
+    palette = torch.from_numpy(colours)
     pictures = palette[tokens.reshape(tokens.shape[0], -1, side, side)]  # [B, n, side, side, 3]
     return pictures.permute(0, 1, 4, 2, 3)
 
@@ -414,4 +429,5 @@ def export_hf(raw_model, optimizer, args, out_dir, env):
     model_state, _ = distributed.full_state(raw_model, optimizer, env)  # every rank takes part
     if env.is_main:
         save_hf(model_from_state(args, model_state), out_dir / "hf")
-        print(f"exported the final model to {out_dir / 'hf'} (Hugging Face LlamaForCausalLM layout)")
+        print(f"exported the final model to {out_dir / 'hf'} (Hugging Face LlamaForCausalLM "
+              "layout)")

@@ -1,14 +1,15 @@
 """
-The image tokenizer (paper 2.1): a VQ-GAN maps pixels in [0, 1] to a grid of codebook indices and back.
+The image tokenizer (paper 2.1): a VQ-GAN maps pixels in [0, 1] to a grid of codebook indices and
+back.
 
-The network is open-muse's taming-style VQGANModel, the tokenizer released with LVM (Emma02/vqvae_ckpts,
-the same network as openMUSE/vqgan-f16-8192-laion), with the same parameter names, so its checkpoints
-load as they are.
+The network is open-muse's taming-style VQGANModel, the tokenizer released with LVM
+(Emma02/vqvae_ckpts, the same network as openMUSE/vqgan-f16-8192-laion), with the same parameter
+names, so its checkpoints load as they are.
 
-    tokenizer = load_pretrained("path/to/vqvae_ckpts")  # config.json + pytorch_model.bin / safetensors
-    codes = tokenizer.encode(pixels)      # float [B, 3, H, W] in [0, 1] -> int64 [B, (H/f)*(W/f)]
-    pixels = tokenizer.decode(codes)      # -> float [B, 3, H, W], not clamped
-    tokens = images_to_tokens(tokenizer, images)  # uint8 or float images -> codes, as the LLM reads them
+    tokenizer = load_pretrained("path/to/vqvae_ckpts")  # config.json + pytorch_model.bin /
+    safetensors codes = tokenizer.encode(pixels)      # float [B, 3, H, W] in [0, 1] -> int64 [B,
+    (H/f)*(W/f)] pixels = tokenizer.decode(codes)      # -> float [B, 3, H, W], not clamped tokens =
+    images_to_tokens(tokenizer, images)  # uint8 or float images -> codes, as the LLM reads them
 
 Read top to bottom: configs -> the network (encoder, decoder, quantizer, VQGAN) -> checkpoints ->
 images <-> tokens. Training one from scratch: vqgan_train.py.

@@ -1,9 +1,9 @@
 """
-Training a VQ-GAN tokenizer from scratch on a folder of images (vqgan.py holds the network it trains):
-L1 or L2 reconstruction + LPIPS (when its weights are on disk) + the VQ codebook and commitment terms +
-a PatchGAN hinge loss with taming's adaptive weight, and the usual cures for codebook collapse
-(data-dependent initialisation, dead-code restarts). Writes checkpoints that vqgan.load_pretrained
-reads, and resumes exactly.
+Training a VQ-GAN tokenizer from scratch on a folder of images (vqgan.py holds the network it
+trains): L1 or L2 reconstruction + LPIPS (when its weights are on disk) + the VQ codebook and
+commitment terms + a PatchGAN hinge loss with taming's adaptive weight, and the usual cures for
+codebook collapse (data-dependent initialisation, dead-code restarts). Writes checkpoints that
+vqgan.load_pretrained reads, and resumes exactly.
 
     python vqgan_train.py --data data/toyworld/train --val_data data/toyworld/val --config toy \\
         --out_dir out/vqgan_toy

@@ -40,10 +40,35 @@ def test_sequence_builders_make_the_sequences_of_the_paper(tmp_path):
     assert len(set(d[:, 0])) == 8, "pairs of a sequence are distinct when the dataset is big enough"
     same = [data.SEQUENCE_BUILDERS["discriminative"](pairs, np.random.default_rng(7)) for _ in range(2)]
     assert np.array_equal(*same), "deterministic given the generator"
-    with pytest.raises(ValueError, match="needs a 'video'"):
+
+
+@pytest.mark.data
+def test_builders_refuse_the_wrong_kind_of_file_and_too_long_sequences(tmp_path):
+    """A ValueError about what is wrong (the file's kind; the length asked), whatever its wording."""
+    video = write_token_file(tmp_path / "video", "video", [[0, 20], [20, 5]], 25)
+    pairs = write_token_file(tmp_path / "pairs", "pairs", [[0, 20]], 20)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="(?i)video"):
         data.natural_sequence(pairs, rng)
-    with pytest.raises(ValueError, match="no group is long enough"):
-        data.natural_sequence(video, rng, n_images=31)
+    for build in (data.discriminative_sequence, data.generative_sequence):
+        with pytest.raises(ValueError, match="(?i)pair"):
+            build(video, rng)
+    with pytest.raises(ValueError, match="(?i)21|long|short|frame|image"):
+        data.natural_sequence(video, rng, n_images=21)  # the longest video has 20 frames
+
+
+@pytest.mark.data
+def test_pairs_and_images_repeat_only_when_there_are_too_few(tmp_path):
+    """n_pairs / n_images of every size: distinct while the data has enough, repeated when it has fewer."""
+    pairs = write_token_file(tmp_path / "pairs", "pairs", [[0, 20]], 20)  # 10 pairs
+    images = write_token_file(tmp_path / "images", "images", [[0, 6]], 6)
+    rng = np.random.default_rng(0)
+    for n in (1, 10, 13):
+        d = _rows(data.discriminative_sequence(pairs, rng, n_pairs=n)).reshape(n, 2)
+        assert (d[:, 0] % 2 == 0).all() and (d[:, 1] == d[:, 0] + 1).all()
+        assert len(set(d[:, 0])) == n or n > 10
+        r = _rows(data.random_sequence(images, rng, n_images=n))
+        assert len(r) == n and (len(set(r)) == n or n > 6)
 
 
 def test_load_tokens_refuses_an_unfinished_file(tmp_path):

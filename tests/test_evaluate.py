@@ -109,6 +109,17 @@ def test_colors_to_classes_picks_the_nearest_palette_colour():
 
 
 @pytest.mark.inference
+def test_colors_to_classes_measures_colour_distance_as_euclidean_rgb():
+    """Pixels where the Euclidean nearest colour is not the nearest by other distances (sum or largest of the
+    channel differences): the read-out is the Euclidean one, as the paper's nearest-colour decoding."""
+    palette = np.array([[0, 0, 0], [30, 30, 30], [0, 0, 100]], np.uint8)
+    rgb = np.array([[60, 0, 0],  # Euclidean -> 1; by the sum of the differences -> 0
+                    [0, 0, 52],  # Euclidean -> 1; by the sum -> 2
+                    [45, 0, 0]], np.uint8)  # Euclidean -> 0; by the largest difference -> 1
+    assert colors_to_classes(rgb, palette).tolist() == [1, 1, 0]
+
+
+@pytest.mark.inference
 def test_mean_iou_of_a_hand_built_map():
     gt = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 255]])
     pred = torch.tensor([[0, 1, 1, 1], [0, 0, 2, 2]])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configs import MODEL_SIZES, STAGES, TABLE4_TFLOPS, TABLE7_PARAMS_M
-from checkpoint import load_model, save_hf
+from checkpoint import load_model, rename, save_hf
 from model import ModelArgs, Transformer, estimate_flops
 from train import configure_optimizer
 
@@ -106,13 +106,35 @@ def test_residual_projections_start_smaller():
     assert model.layers[0].attention.wo.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
 
 
-def hf_llama(n_kv_heads):
+def hf_llama(n_kv_heads, rope_theta=10000.0, rms_norm_eps=1e-6):
     import transformers  # a test-only dependency (requirements-dev.txt)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=n_kv_heads, vocab_size=100,
-                                      rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False)
+                                      rms_norm_eps=rms_norm_eps, max_position_embeddings=64,
+                                      tie_word_embeddings=False, rope_theta=rope_theta)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.decoder
+def test_other_rope_theta_and_norm_eps_and_the_gradients_match_transformers(tmp_path):
+    """Every option ModelArgs has, away from its default, and the gradients too (a bug can keep the logits and
+    change the gradients: a detach in the wrong place)."""
+    hf = hf_llama(2, rope_theta=500000.0, rms_norm_eps=1e-2)
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert (ours.args.rope_theta, ours.args.norm_eps) == (500000.0, 1e-2)
+    idx = torch.randint(0, 100, (2, 30))
+    targets = torch.randint(0, 100, (2, 30))
+    logits, loss = ours(idx, targets)
+    out = hf(idx)
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=1e-4)
+    theirs = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    theirs.backward()
+    for name, p in ours.named_parameters():
+        hf_name = rename(name, to_hf=True)
+        torch.testing.assert_close(p.grad, hf.get_parameter(hf_name).grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 @pytest.mark.decoder

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-import images
 import tokenize_data as td
 import toyworld
 import vqgan
 from conftest import raise_unfinished
 from data import generative_sequence, load_tokens, natural_sequence
+from images import PALETTES, read_annotation, read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 64  # tokens per image of the small test tokenizer: 32x32 pixels, f = 4
@@ -49,7 +49,7 @@ def cli(*args, env=None, **kw):
 
 
 def encode_files(model, paths, size=32):
-    pixels = torch.from_numpy(np.stack([images.read_image(p, size) for p in paths]))
+    pixels = torch.from_numpy(np.stack([read_image(p, size) for p in paths]))
     return td.encode(model, pixels)
 
 
@@ -112,7 +112,7 @@ def test_folder_of_every_mode_with_bad_files_exits_0_and_lists_each_bad_file(tmp
 
 def test_image_modes_become_rgb_as_expected(tmp_path):
     good, _ = make_mixed_folder(tmp_path)
-    pixels = {p.name: images.read_image(p, 32) for p in good}
+    pixels = {p.name: read_image(p, 32) for p in good}
     assert all(a.shape == (32, 32, 3) and a.dtype == np.uint8 for a in pixels.values())
     assert (pixels["c_gray16.png"] == 255).all() and (pixels["d_rgba.png"] == 255).all()
     assert (pixels["j_anim.gif"] == [255, 0, 0]).all(), "the first frame of a GIF"
@@ -122,12 +122,12 @@ def test_shorter_side_is_resized_then_centre_cropped_and_maps_stay_nearest(tmp_p
     stripes = np.zeros((32, 96, 3), np.uint8)  # blue | green | red thirds: the centre crop is all green
     stripes[:, :32, 2], stripes[:, 32:64, 1], stripes[:, 64:, 0] = 255, 255, 255
     Image.fromarray(stripes).save(tmp_path / "wide.png")
-    assert (images.read_image(tmp_path / "wide.png", 32) == [0, 255, 0]).all()
+    assert (read_image(tmp_path / "wide.png", 32) == [0, 255, 0]).all()
     Image.fromarray(np.kron(stripes, np.ones((2, 2, 1), np.uint8))).save(tmp_path / "big.png")  # 64x192
-    assert (images.read_image(tmp_path / "big.png", 32)[:, 2:-2] == [0, 255, 0]).all()
+    assert (read_image(tmp_path / "big.png", 32)[:, 2:-2] == [0, 255, 0]).all()
     classes = np.random.default_rng(0).integers(0, 4, (45, 61)).astype(np.uint8)
     Image.fromarray(toyworld.PALETTE[classes]).save(tmp_path / "map.png")
-    colours = images.read_annotation(tmp_path / "map.png", 32, None).reshape(-1, 3)
+    colours = read_annotation(tmp_path / "map.png", 32, None).reshape(-1, 3)
     assert {tuple(c) for c in colours} <= {tuple(c) for c in toyworld.PALETTE}, "no blended colours"
 
 
@@ -241,12 +241,12 @@ def test_video_files_and_frame_folders_with_a_stride(tmp_path, ckpt):
 
 
 def test_palettes_follow_the_reference():
-    ade, city = images.PALETTES["ade20k"], images.PALETTES["cityscapes"]
+    ade, city = PALETTES["ade20k"], PALETTES["cityscapes"]
     assert ade.shape == (150, 3) and len({tuple(c) for c in ade}) == 150
     assert tuple(ade[0]) == (255, 255, 255) and tuple(ade[7]) == (255, 255 - 42, 255 - 42)
     assert tuple(ade[149]) == (255 - 4 * 42, 255, 255 - 5 * 42)
     assert city.shape == (19, 3) and tuple(city[0]) == (128, 64, 128) and tuple(city[18]) == (119, 11, 32)
-    assert images.PALETTES["toy"].shape == (len(toyworld.CLASSES), 3)
+    assert PALETTES["toy"].shape == (len(toyworld.CLASSES), 3)
 
 
 def test_ade20k_layout_pairs_by_stem_and_colours_class_indices(tmp_path):
@@ -261,11 +261,11 @@ def test_ade20k_layout_pairs_by_stem_and_colours_class_indices(tmp_path):
     units = td.list_pairs(str(images), str(annotations))
     assert units[0] == ("pair", str(images / "ADE_train_00000001.jpg"), str(annotations / "ADE_train_00000001.png"))
     assert units[1][0] == "skip" and "no annotation" in units[1][2]
-    loader = td.Loader([units], {"size": 32, "palette": images.PALETTES["ade20k"].tolist(), "palette_name": "ade20k"})
+    loader = td.Loader([units], {"size": 32, "palette": PALETTES["ade20k"].tolist(), "palette_name": "ade20k"})
     pixels, rows, skipped = loader[0]
     assert rows == [2, 0] and len(skipped) == 1
     seg = pixels[1]
-    assert (seg[:, 17:] == images.PALETTES["ade20k"][149]).all() and (seg[17:, :15] == images.PALETTES["ade20k"][0]).all()
+    assert (seg[:, 17:] == PALETTES["ade20k"][149]).all() and (seg[17:, :15] == PALETTES["ade20k"][0]).all()
     assert (seg[:15, :15] == 0).all()
 
 
@@ -284,7 +284,7 @@ def test_cityscapes_layout_prefers_label_ids_and_maps_them_to_train_ids(tmp_path
     (gt / f"{stem}_gtFine_polygons.json").write_text("{}")
     units = td.list_pairs(str(tmp_path / "leftImg8bit" / "train"), str(tmp_path / "gtFine" / "train"))
     assert units == [("pair", str(images / f"{stem}_leftImg8bit.png"), str(gt / f"{stem}_gtFine_labelIds.png"))]
-    city = images.PALETTES["cityscapes"]
+    city = PALETTES["cityscapes"]
     opts = {"size": 32, "palette": city.tolist(), "palette_name": "cityscapes"}
     seg = td.Loader([units], opts)[0][0][1]  # centre crop of 64x32: columns 16..47
     assert (seg[4:, :16] == city[0]).all() and (seg[4:, 16:] == city[13]).all() and (seg[:4] == 0).all()

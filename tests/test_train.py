@@ -97,6 +97,12 @@ def test_targets_are_the_next_tokens_and_the_last_position_is_ignored():
     inputs, targets = train.micro_batches(np.arange(8).reshape(2, 4), accum=2)
     assert [a.tolist() for a in inputs] == [[[0, 1, 2, 3]], [[4, 5, 6, 7]]]
     assert [a.tolist() for a in targets] == [[[1, 2, 3, -1]], [[5, 6, 7, -1]]]
+    tokens = np.arange(24).reshape(4, 6)
+    for accum in (1, 4):  # any number of micro-batches: the same rows, in order
+        inputs, targets = train.micro_batches(tokens, accum)
+        assert len(inputs) == len(targets) == accum and all(a.shape == (4 // accum, 6) for a in targets)
+        assert np.array_equal(np.concatenate(inputs), tokens)
+        assert np.array_equal(np.concatenate(targets)[:, :-1], tokens[:, 1:]) and (np.concatenate(targets)[:, -1] == -1).all()
 
 
 def test_images_are_read_once_per_epoch_and_ranks_read_different_images(data):

@@ -164,6 +164,33 @@ def test_quantizer_losses_and_codes_of_hand_built_latents():
 
 
 @pytest.mark.tokenizer
+def test_codebook_term_moves_the_codes_and_beta_weighs_the_commitment_term():
+    """The loss has the same value whichever term beta weighs; the gradients tell them apart: the codebook
+    term ||sg[z] - e||^2 (weight 1) pulls the chosen codes to the latents, beta x ||z - sg[e]||^2 the latents to
+    their codes."""
+    q = vqgan.VectorQuantizer(3, 2, beta=0.25)
+    q.embedding.weight.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    z = torch.tensor([[[[0.2, 0.9]], [[0.1, 1.5]]]], requires_grad=True)  # latents (0.2, 0.1), (0.9, 1.5)
+    q(z)[1].backward()
+    # mean over 4 numbers: d/de_k = 2 (e_k - z) / 4 for the codes in use (0 and 2), none for code 1
+    torch.testing.assert_close(q.embedding.weight.grad, torch.tensor([[-0.1, -0.05], [0.0, 0.0], [-0.45, 0.25]]))
+    torch.testing.assert_close(z.grad, 0.25 * torch.tensor([[[[0.1, 0.45]], [[0.05, -0.25]]]]))  # beta 2 (z - e) / 4
+
+
+@pytest.mark.tokenizer
+def test_l2_normalised_quantizer_compares_and_returns_unit_vectors():
+    """With l2_normalize the nearest code is the most similar direction (here not the nearest raw vector), the
+    answer is that code's unit vector, and the loss compares unit vectors."""
+    q = vqgan.VectorQuantizer(2, 2, beta=0.25, l2_normalize=True)
+    q.embedding.weight.data = torch.tensor([[5.0, 0.0], [0.0, 1.0]])
+    z = torch.tensor([[[[2.0]], [[1.5]]]])  # one latent (2, 1.5): direction (0.8, 0.6); raw, nearest to (0, 1)
+    zq, loss, codes = q(z)
+    assert codes.tolist() == [[0]] and q.nearest(z).tolist() == [[0]]
+    torch.testing.assert_close(zq, torch.tensor([[[[1.0]], [[0.0]]]]))
+    torch.testing.assert_close(loss, torch.tensor(1.25 * ((1 - 0.8) ** 2 + 0.6 ** 2) / 2))
+
+
+@pytest.mark.tokenizer
 def test_l2_normalised_codes_pick_the_most_similar_direction():
     torch.manual_seed(0)
     model = vqgan.VQGAN(dict(TINY, l2_normalize_codes=True))
