@@ -41,7 +41,7 @@ import tokenize_data
 from checkpoint import load_model
 from data import SEQUENCE_BUILDERS, load_tokens
 from features import I3D_FILE, INCEPTION_FILE, TinyExtractor, make_extractor
-from images import PALETTES, VIDEO_EXTS, annotation_luts, save_grid
+from images import PALETTES, VIDEO_EXTS, annotation_luts, save_grid, save_plot
 from metrics import (colors_to_classes, confusion_matrix, feature_distance, inception_score,
                      labels_from_colours, miou_from_confusion, psnr, ssim)
 from sample import generate
@@ -417,34 +417,10 @@ def eval_curve(model, vqgan, data, cfg=EvalConfig(), counts=(0, 1, 2, 4, 7)):
                  miou=[r["model"]["miou"] for r in runs])
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        curve["plot"] = plot_curve(curve, Path(cfg.out) / f"curve_{curve['dataset']}.png")
+        lines = {"answer-token accuracy": curve["token_accuracy"], "mIoU": curve["miou"]}
+        curve["plot"] = save_plot(curve["prompt_pairs"], lines,
+                                  Path(cfg.out) / f"curve_{curve['dataset']}.png", "prompt pairs")
     return curve
-
-
-def plot_curve(curve, path, width=420, height=260):
-    """A small line plot (PIL only) of token accuracy and mIoU (%) against the number of prompt
-    pairs."""
-    from PIL import Image, ImageDraw
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 46, width - 12, 30, height - 38
-    x_of = lambda i: left + (right - left) * i / max(1, len(curve["prompt_pairs"]) - 1)
-    y_of = lambda v: bottom - (bottom - top) * v / 100
-    for v in range(0, 101, 20):
-        draw.line([(left, y_of(v)), (right, y_of(v))], fill=(225, 225, 225))
-        draw.text((left - 28, y_of(v) - 6), f"{v}%", fill="black")
-    for i, k in enumerate(curve["prompt_pairs"]):
-        draw.text((x_of(i) - 3, bottom + 6), str(k), fill="black")
-    draw.text(((left + right) // 2 - 40, height - 18), "prompt pairs", fill="black")
-    for n, (key, colour) in enumerate((("token_accuracy", (40, 90, 255)), ("miou", (215, 45, 45)))):
-        points = [(x_of(i), y_of(v)) for i, v in enumerate(curve[key])]
-        draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text((left + 10 + 150 * n, 8),
-                  {"token_accuracy": "answer-token accuracy", "miou": "mIoU"}[key], fill=colour)
-    image.save(path)
-    return str(path)
 
 
 @torch.no_grad()

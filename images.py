@@ -262,3 +262,30 @@ def save_gif(frames, path, fps=4, min_size=128):
     images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps),
                    loop=0)
+
+
+def save_plot(x_labels, series, path, xlabel, width=420, height=260):
+    """A small line plot (PIL only) of percentages: series maps a label to one value in [0, 100] per
+    x label, each line in its own colour. Returns the path as a string."""
+    from PIL import ImageDraw
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 46, width - 12, 30, height - 38
+    x_of = lambda i: left + (right - left) * i / max(1, len(x_labels) - 1)
+    y_of = lambda v: bottom - (bottom - top) * v / 100
+    for v in range(0, 101, 20):
+        draw.line([(left, y_of(v)), (right, y_of(v))], fill=(225, 225, 225))
+        draw.text((left - 28, y_of(v) - 6), f"{v}%", fill="black")
+    for i, label in enumerate(x_labels):
+        draw.text((x_of(i) - 3, bottom + 6), str(label), fill="black")
+    draw.text(((left + right) // 2 - 40, height - 18), xlabel, fill="black")
+    colours = [(40, 90, 255), (215, 45, 45), (40, 160, 60), (150, 60, 200)]
+    for n, (label, values) in enumerate(series.items()):
+        colour = colours[n % len(colours)]
+        points = [(x_of(i), y_of(v)) for i, v in enumerate(values)]
+        draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((left + 10 + 150 * n, 8), label, fill=colour)
+    image.save(path)
+    return str(path)

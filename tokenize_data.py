@@ -16,7 +16,7 @@ them with data.SEQUENCE_BUILDERS).
 The toy world (toyworld.py), end to end on a CPU, and a picture of its sequences decoded from the
 tokens:
   python toyworld.py --out data/toyworld --seed 0
-  python vqgan.py --data data/toyworld/train --val_data data/toyworld/val --config toy \\
+  python vqgan_train.py --data data/toyworld/train --val_data data/toyworld/val --config toy \\
       --out_dir out/vqgan_toy
   python tokenize_data.py toyworld --root data/toyworld --vqgan out/vqgan_toy --out data/toy_tokens
     -> data/toy_tokens/{train,val}_{images,video,segmentation,edges,depth}.{tokens,json}

@@ -1,6 +1,6 @@
 """
 Sampling speed: our `generate` (static KV cache, sample.py) against transformers' `generate` on the same weights
-(written with model.save_hf, read back with LlamaForCausalLM.from_pretrained), same prompt, same length, one process.
+(written with checkpoint.save_hf, read back with LlamaForCausalLM.from_pretrained), same prompt, same length, one process.
 
     OMP_NUM_THREADS=2 python bench/sample.py --compile        # CPU: random dim-256 x 6 model, 8192-code vocabulary
     OMP_NUM_THREADS=2 python bench/sample.py --size tiny --prompt_len 128 --new 128 --compile   # the toy's model

@@ -31,7 +31,7 @@ MODEL_SIZES = {
                max_seq_len=4096),
     "3B": dict(dim=3200, n_layers=26, n_heads=32, hidden_dim=8640, vocab_size=8192,
                max_seq_len=4096),
-    # LVM's released LLaMA-7B (Emma02/LVM_ckpts): load its weights with model.load_hf(dir)
+    # LVM's released LLaMA-7B (Emma02/LVM_ckpts): load its weights with checkpoint.load_model(dir)
     "lvm-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
                    vocab_size=8292, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=4096),
 }

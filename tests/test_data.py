@@ -43,6 +43,22 @@ def test_sequence_builders_make_the_sequences_of_the_paper(tmp_path):
 
 
 @pytest.mark.data
+def test_draws_are_uniform_over_images_windows_and_pairs(tmp_path):
+    """Every image, every 16-frame window (not every video) and every pair (so a dataset in proportion to its
+    size) is equally likely."""
+    video = write_token_file(tmp_path / "video", "video", [[0, 20], [20, 5], [25, 30]], 55)  # windows 5, 0, 15
+    pairs = write_token_file(tmp_path / "pairs", "pairs", [[0, 20], [20, 40]], 60)  # 10 and 20 pairs
+    images = write_token_file(tmp_path / "images", "images", [[0, 5]], 5)
+    rng, n = np.random.default_rng(0), 4000
+    first = np.array([_rows(data.natural_sequence(video, rng))[0] for _ in range(n)])
+    assert abs((first < 20).mean() - 5 / 20) < 0.03 and len(np.unique(first)) == 20
+    in_first = np.array([_rows(data.discriminative_sequence(pairs, rng, n_pairs=1))[0] < 20 for _ in range(n)])
+    assert abs(in_first.mean() - 1 / 3) < 0.03
+    picked = np.bincount([_rows(data.single_image(images, rng))[0] for _ in range(n)], minlength=5) / n
+    assert np.abs(picked - 0.2).max() < 0.03  # the last image too
+
+
+@pytest.mark.data
 def test_builders_refuse_the_wrong_kind_of_file_and_too_long_sequences(tmp_path):
     """A ValueError about what is wrong (the file's kind; the length asked), whatever its wording."""
     video = write_token_file(tmp_path / "video", "video", [[0, 20], [20, 5]], 25)

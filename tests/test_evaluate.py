@@ -129,6 +129,7 @@ def test_mean_iou_of_a_hand_built_map():
     assert mean_iou(torch.where(gt == 255, 0, pred), gt, 3) == pytest.approx(0.625)
     assert mean_iou(gt.clamp(max=1), gt, 3) == pytest.approx(1.0)
     assert mean_iou(torch.full_like(gt, 7), gt, 3) == 0.0  # predictions outside the classes are misses
+    assert mean_iou(torch.tensor([7, 7]), torch.tensor([2, 2]), 3) == 0.0  # ... of every class, the last too
     assert math.isnan(mean_iou(pred, torch.full_like(gt, 255), 3))
 
 

@@ -89,6 +89,21 @@ def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
 
 
 @pytest.mark.decoder
+def test_rms_norm_of_bfloat16_inputs_is_computed_in_float32():
+    """Under bf16 the normalisation must run in float32: within one bf16 step (2^-7, relative) of a float64
+    computation, where squaring and averaging in bf16 would be off by more."""
+    from model import RMSNorm
+    torch.manual_seed(0)
+    for dim in (64, 256):
+        x = (torch.randn(8, 32, dim) * torch.logspace(-2, 2, dim)).to(torch.bfloat16)  # a wide range of scales
+        norm = RMSNorm(dim, eps=1e-6)
+        norm.weight.data = torch.rand(dim) + 0.5
+        exact = norm.weight.double() * x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+        relative = (norm(x).double() - exact).abs() / exact.abs()
+        assert relative.max() <= 2 ** -7
+
+
+@pytest.mark.decoder
 def test_optimizer_decays_matrices_not_norm_gains():
     model = small_model()
     opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))

@@ -1,5 +1,7 @@
 """Sampling: the cached loop equals a naive one, top-k / temperature / codebook do what they say, the context window
 slides image by image, and the command line writes grids, images and GIFs."""
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,10 @@ def test_codes_beyond_the_codebook_are_never_sampled():
     model = small_model(vocab_size=120)
     out = generate(model, torch.randint(0, 100, (4, 5)), 40, top_k=None, codebook_size=100)
     assert out.max() < 100
+    last = torch.zeros(1, 8292)
+    last[0, 8191] = 100.0  # the last image code is one too: it must come out
+    assert sample_next(last, temperature=0.0, codebook_size=8192).item() == 8191
+    assert (draws(last, 50, top_k=100, codebook_size=8192)[1] == 8191).all()
 
 
 @pytest.mark.decoder
@@ -139,9 +145,12 @@ def test_cache_is_allocated_once_per_call_and_released(monkeypatch):
     model = small_model()
     calls = []
     setup = model.setup_cache
-    monkeypatch.setattr(model, "setup_cache", lambda *a, **k: calls.append(a) or setup(*a, **k))
+    signature = inspect.signature(setup)  # arguments by name, however they are passed
+    monkeypatch.setattr(model, "setup_cache", lambda *a, **k: calls.append(signature.bind(*a, **k).arguments)
+                        or setup(*a, **k))
     generate(model, torch.randint(0, 100, (2, 10)), 60, tokens_per_image=8)  # slides 4 times
-    assert calls == [(2, 48)]  # batch 2, cache of the model's full context: allocated once, never per token
+    # batch 2, a cache of the model's full context: allocated once, never per token
+    assert [(c["batch_size"], c["max_seq_len"]) for c in calls] == [(2, 48)]
     assert model.layers[0].attention.kv_cache is None and model.causal_mask is None  # freed after the call
 
 

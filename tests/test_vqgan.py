@@ -188,6 +188,11 @@ def test_l2_normalised_quantizer_compares_and_returns_unit_vectors():
     assert codes.tolist() == [[0]] and q.nearest(z).tolist() == [[0]]
     torch.testing.assert_close(zq, torch.tensor([[[[1.0]], [[0.0]]]]))
     torch.testing.assert_close(loss, torch.tensor(1.25 * ((1 - 0.8) ** 2 + 0.6 ** 2) / 2))
+    z = torch.randn(2, 2, 3, 3, requires_grad=True)  # the straight-through passes the normalisation's gradient
+    g = torch.randn(2, 2, 3, 3)
+    (q(z)[0] * g).sum().backward()
+    expected = torch.autograd.grad((torch.nn.functional.normalize(z, dim=1) * g).sum(), z)[0]
+    torch.testing.assert_close(z.grad, expected)
 
 
 @pytest.mark.tokenizer
