@@ -65,34 +65,41 @@ def compile_step(step, device):
     return _compiled[step]
 
 
+class CompiledStep:
+    """A decode step of step's signature, step(model, token [B, 1], input_pos [1], temperature,
+    top_k, codebook_size, generator) -> the next token [B], run compiled; one per generate call."""
+
+    def __init__(self, step, device, stack):
+        self.compiled, self.device, self.stack = compile_step(step, device), device, stack
+        self.noise, self.guarded = None, True
+
+    def __call__(self, model, token, input_pos, temperature=1.0, top_k=100, codebook_size=None,
+                 generator=None):
+        noise = None
+        if temperature > 1e-5:  # the draws sample_next would make, in the same order
+            if self.noise is None:
+                n = num_candidates(model.args.vocab_size, top_k, codebook_size)
+                self.noise = torch.empty(token.shape[0], n, device=self.device)
+            noise = self.noise.exponential_(1, generator=generator)
+        # a copy: a CUDA graph overwrites its output when it replays
+        token = self.compiled(model, token, input_pos, temperature=temperature, top_k=top_k,
+                              codebook_size=codebook_size, noise=noise).clone()
+        if self.guarded:  # this first step checked the guards; the rest of the call skips them
+            self.stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+            self.guarded = False
+        return token
+
+
 @contextlib.contextmanager
 def compiled_step(model, batch_size, length, step):
     """For one generate call of `length` tokens: the cache (rounded up, kept for the next call) and
-    a function of step's signature, step(model, token [B, 1], input_pos [1], temperature, top_k,
-    codebook_size, generator) -> the next token [B], that runs step compiled."""
+    the CompiledStep of step."""
     device, dtype = model.output.weight.device, model.output.weight.dtype
     length = min(model.args.max_seq_len, math.ceil(length / CACHE_ROUNDING) * CACHE_ROUNDING)
     kv = model.layers[0].attention.kv_cache
     if kv is None or (kv.k.shape[0], kv.k.shape[2], kv.k.dtype) != (batch_size, length, dtype):
         model.setup_cache(batch_size, length)
-    compiled, guarded = compile_step(step, device), [True]
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # on leaving: guards on again, the Linears restored
         if device.type == "cpu":
             stack.enter_context(matvec_linears(model))
-
-        def fast_step(model, token, input_pos, temperature=1.0, top_k=100, codebook_size=None,
-                      generator=None):
-            noise = None
-            if temperature > 1e-5:  # the draws sample_next would make, in the same order
-                n = num_candidates(model.args.vocab_size, top_k, codebook_size)
-                noise = torch.empty(token.shape[0], n, device=device)
-                noise.exponential_(1, generator=generator)
-            # a copy: a CUDA graph overwrites its output when it replays
-            token = compiled(model, token, input_pos, temperature=temperature, top_k=top_k,
-                             codebook_size=codebook_size, noise=noise).clone()
-            if guarded[0]:  # this first step checked the guards; the rest of the call skips them
-                stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
-                guarded[0] = False
-            return token
-
-        yield fast_step
+        yield CompiledStep(step, device, stack)

@@ -106,8 +106,8 @@ def decoding(model, batch_size, length, compile=False):
 @torch.inference_mode()
 def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, codebook_size=None,
              generator=None, tokens_per_image=None, progress=False, compile=False):
-    """Continue prompt_tokens [B, T] (int64) by max_new_tokens tokens; returns [B, T +
-    max_new_tokens].
+    """Continue prompt_tokens [B, T] (int64) by max_new_tokens tokens: returns
+    [B, T + max_new_tokens].
 
     Never stops early (image codes have no end token). temperature <= 1e-5 is greedy; codebook_size
     restricts sampling to image codes; generator (on the model's device) makes sampling
@@ -127,7 +127,7 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
     seq[:, :T] = prompt_tokens
     sampling = dict(temperature=temperature, top_k=top_k, codebook_size=codebook_size,
                     generator=generator)
-    start = None
+    start, input_pos = None, torch.zeros(1, dtype=torch.long, device=seq.device)
     with decoding(model, B, total, compile) as step:
         for cur in tqdm(range(T, total), desc="generating", unit="tok", disable=not progress,
                         leave=False):
@@ -136,7 +136,7 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
                 start = window
                 token = sample_next(prefill(model, seq[:, start:cur]), **sampling)
             else:  # the last token, at its position in the window, attending to the cache
-                input_pos = torch.full((1,), cur - 1 - start, device=seq.device)
+                input_pos.fill_(cur - 1 - start)
                 token = step(model, token[:, None], input_pos, **sampling)
             seq[:, cur] = token
     return seq

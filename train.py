@@ -228,7 +228,7 @@ def train(c, get_batch, get_eval_batch, init=None, probe=None):
             record["val_loss"] = evaluate(model, eval_fn, get_eval_batch, autocast, c, env,
                                           args.vocab_size)
         check_finite(record, ckpt_path, last_saved)
-        whole = None  # a whole copy of the weights on the main process: probe, grid, checkpoint
+        whole = None  # a whole copy of the weights on the main process, for the probe and the grid
         if evaluating:
             model_state, optim_state = distributed.full_state(raw_model, optimizer, env)
             if env.is_main and (probe or c.num_samples):
