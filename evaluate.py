@@ -319,7 +319,7 @@ def _answer_queries(model, vqgan, data, cfg, annotation, to_annotation, desc, nu
     units, prompt images, number of queries, batches of (query, generated answer, true answer: uint8
     [B, 3, R, R]; classes or None; fraction of the answer's codes equal to the true answer's codes
     [B]))."""
-    size, S = vqgan.config["resolution"], codes_per_image(vqgan)
+    size = vqgan.config["resolution"]
     ds, prompts, chosen, queries = _prompt_and_queries(data, cfg, annotation, num_prompts)
     pairs = [read_pair(prompts, u, size)[:2] for u in chosen]
     shown = [im for image, ann in pairs for im in ((image, ann) if to_annotation else (ann, image))]

@@ -33,7 +33,6 @@ import time
 
 import torch
 import torch._inductor.config  # noqa: F401 (--inductor sets it)
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
     sys.path[0] = str(Path(__file__).resolve().parents[1])

@@ -1,7 +1,6 @@
 """Token files: every input kind and image mode, bad inputs listed not fatal, resume after kill -9, shards, pairs
 matched by stem and coloured with the reference palettes, the sequence builders of the paper, the toy world."""
 import io
-import json
 import os
 import signal
 import subprocess
