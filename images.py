@@ -11,11 +11,13 @@ Class-index maps (one channel) are coloured through a palette.
 """
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 # the extensions read as images (a GIF: its first frame) and as videos, by every script
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -201,8 +203,6 @@ def load_image(path, size):
 def load_images(folder, size):
     """Every image under folder (recursive) as uint8 [N, 3, size, size] in memory; unreadable files
     are skipped with a line on stderr."""
-    import sys
-    from tqdm import tqdm
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} does not exist; pass a directory "
