@@ -71,7 +71,7 @@ class PairedSet:
 def find_paired(root, split="val", annotation="segmentation"):
     """ADE20K (ADEChallengeData2016/{images,annotations}/validation), Cityscapes
     (leftImg8bit/val + gtFine/val) or the toy world (a folder written by toyworld.py, or one of its
-    splits: images/ + segmentation|edges|depth/)."""
+    splits: a task's query and answer folders, e.g. images/ + segmentation/)."""
     root = Path(root)
     for base in (root, root / "ADEChallengeData2016"):
         folder = {"val": "validation", "train": "training"}.get(split, split)
@@ -82,13 +82,21 @@ def find_paired(root, split="val", annotation="segmentation"):
         return _paired("cityscapes", root / "leftImg8bit" / split,
                        root / "gtFine" / split, annotation)
     toy = root / split if (root / "meta.json").is_file() else root
-    if (toy / "images").is_dir() and (toy / annotation).is_dir():
-        return _paired("toy", toy / "images", toy / annotation, annotation)
+    query, answer = toy_tasks(toy).get(annotation, ("images", annotation))
+    if (toy / query).is_dir() and (toy / answer).is_dir():
+        return _paired("toy", toy / query, toy / answer, annotation)
     raise LayoutError(
         f"{root} is not a paired dataset with a {split!r} split and {annotation!r} annotations: "
         "expected ADE20K (images/validation/*.jpg + annotations/validation/*.png), Cityscapes "
         "(leftImg8bit/val/CITY/*_leftImg8bit.png + gtFine/val/CITY/*_gtFine_labelTrainIds.png) or "
         f"a toy world split (images/ + {annotation}/, toyworld.py)")
+
+
+def toy_tasks(split_folder):
+    """{task: (query folder, answer folder)} of a toy world split (toyworld.py's meta.json)."""
+    meta = Path(split_folder).parent / "meta.json"
+    return {k: tuple(v) for k, v in json.loads(meta.read_text()).get("tasks", {}).items()} \
+        if meta.is_file() else {}
 
 
 def _paired(name, images, annotations, annotation):
@@ -166,10 +174,13 @@ class EvalConfig:
     image_extractor: object = None  # features for FID/IS; None = TinyExtractor()
     video_extractor: object = None  # features for FVD; None = TinyExtractor(video=True)
     num_sequences: int = 256  # perplexity: held-out sequences per sequence kind
-    prompt_pairs: int = 1  # segmentation: prompt pairs before the query (A.2: one is enough)
-    tasks: tuple = ("segmentation", "edges", "depth")  # the task protocol's annotations (toy world)
+    # segmentation, generation: prompt pairs before the query (A.2: one is enough)
+    prompt_pairs: int = 1
+    # the task protocol's tasks (toy world)
+    tasks: tuple = ("segmentation", "edges", "depth", "inpainting", "colorization")
     out: str | None = None  # folder for the PNG grids; None = no grid
     grid_rows: int = 8  # rows of a grid: a query each (a clip: two rows, truth above generation)
+    grid_frame_step: int = 1  # a clip's grid shows every this-th frame
 
 
 def _uint8(x):
@@ -251,14 +262,18 @@ def eval_video(model, vqgan, data, cfg=EvalConfig()):
 
     n, store, rows, per_frame = 0, {}, [], {k: [] for k in ("psnr", "ssim", "rec_psnr", "rec_ssim",
                                                             "last_psnr", "last_ssim")}
+    copied = torch.zeros(2, T - P)  # [copyable cells, of them right] per predicted frame
     bar = tqdm(total=cfg.limit or len(units), desc="video prediction", unit="clip")
     for batch in _batched(itertools.islice(clips(), cfg.limit), cfg.batch_size):
         truth = torch.stack(batch)  # [B, T, 3, R, R]
         B = len(truth)
         tokens = images_to_tokens(vqgan, truth.flatten(0, 1)).view(B, T * S)
         recon = _uint8(tokens_to_images(vqgan, tokens, S).cpu())
-        generated = torch.cat(
-            [recon[:, :P], _sample(model, vqgan, tokens[:, :P * S], T - P, cfg, generator)[0]], 1)
+        sampled, codes = _sample(model, vqgan, tokens[:, :P * S], T - P, cfg, generator)
+        generated = torch.cat([recon[:, :P], sampled], 1)
+        copyable = copyable_cells(truth, P, S)  # [B, T - P, S]
+        right = codes.view(B, T - P, S) == tokens[:, P * S:].view(B, T - P, S)
+        copied += torch.stack([copyable.sum((0, 2)), (copyable & right).sum((0, 2))])
         _gather(store, extractor, gen=generated.transpose(1, 2), gt=truth.transpose(1, 2),
                 rec=recon.transpose(1, 2))
         future = lambda x: x[:, P:].flatten(0, 1).float() / 255  # the predicted frames
@@ -267,8 +282,9 @@ def eval_video(model, vqgan, data, cfg=EvalConfig()):
         for prefix, x in (("", generated), ("rec_", recon), ("last_", repeat_last)):
             per_frame[prefix + "psnr"].append(psnr(future(x), future(truth)).view(B, T - P))
             per_frame[prefix + "ssim"].append(ssim(future(x), future(truth)).view(B, T - P))
-        rows += [row for i in range(B)
-                 for row in (list(truth[i]), [None] * P + list(generated[i, P:]))]
+        shown = slice(0, T, cfg.grid_frame_step)
+        rows += [row for i in range(B) for row in (list(truth[i, shown]), [
+            None if t < P else generated[i, t] for t in range(T)][shown])]
         rows, n = rows[:cfg.grid_rows], n + B
         bar.update(B)
     bar.close()
@@ -283,13 +299,34 @@ def eval_video(model, vqgan, data, cfg=EvalConfig()):
                 model=dict(fvd=_fid_is(store, "gen")["fid"], psnr=frames["psnr"].mean().item(),
                            ssim=frames["ssim"].mean().item(),
                            psnr_per_frame=frames["psnr"].tolist(),
-                           ssim_per_frame=frames["ssim"].tolist()),
+                           ssim_per_frame=frames["ssim"].tolist(),
+                           # of the cells a frame shows that some prompt frame showed already
+                           # (what copying could get right), those whose code is the truth's (%)
+                           copyable_right_per_frame=(100 * copied[1] / copied[0]).tolist(),
+                           copyable_share_per_frame=(100 * copied[0] / (n * S)).tolist()),
                 gt_rec=dict(fvd=_fid_is(store, "rec")["fid"], psnr=frames["rec_psnr"].mean().item(),
                             ssim=frames["rec_ssim"].mean().item()),
                 repeat_last=dict(psnr=frames["last_psnr"].mean().item(),
                                  ssim=frames["last_ssim"].mean().item(),
                                  psnr_per_frame=frames["last_psnr"].tolist()),
                 grid=_save_grid(cfg, f"video_{name}", rows))
+
+
+def copyable_cells(clips, prompt_frames, tokens_per_image):
+    """bool [B, T - P, S]: the cells (one token's patch each) of the frames after the first P
+    whose pixels equal those of some cell of the first P frames: what a model could continue by
+    copying."""
+    B, T, C, R, _ = clips.shape
+    g = math.isqrt(tokens_per_image)
+    c = R // g
+    cells = clips.reshape(B, T, C, g, c, g, c).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, T, g * g, -1)
+    out = torch.zeros(B, T - prompt_frames, g * g, dtype=torch.bool)
+    for b in range(B):
+        seen = {cell.numpy().tobytes() for cell in cells[b, :prompt_frames].flatten(0, 1)}
+        for t in range(prompt_frames, T):
+            out[b, t - prompt_frames] = torch.tensor([x.numpy().tobytes() in seen
+                                                      for x in cells[b, t]])
+    return out
 
 
 def _prompt_and_queries(data, cfg, annotation, num_prompts=1):
@@ -346,8 +383,10 @@ def _answer_queries(model, vqgan, data, cfg, annotation, to_annotation, desc, nu
 def eval_generation(model, vqgan, data, cfg=EvalConfig()):
     """Conditional image generation (Table 2): the prompt pair "annotation, image", then the query's
     annotation; FID and IS of the generated images against the true images."""
-    ds, (prompt,), pair, n, batches = _answer_queries(model, vqgan, data, cfg, cfg.annotation,
-                                                      False, f"generation from {cfg.annotation}")
+    ds, chosen, shown, n, batches = _answer_queries(model, vqgan, data, cfg, cfg.annotation, False,
+                                                    f"generation from {cfg.annotation}",
+                                                    cfg.prompt_pairs)
+    pair = shown[-2:]
     extractor, store, rows, psnrs = (cfg.image_extractor or TinyExtractor(), {}, [],
                                      {"gen": [], "rec": []})
     for query, generated, truth, _, _ in batches:
@@ -360,7 +399,8 @@ def eval_generation(model, vqgan, data, cfg=EvalConfig()):
     scores = {name: {**_fid_is(store, name), "psnr": torch.cat(psnrs[name]).mean().item()}
               for name in psnrs}
     return dict(protocol="generation", dataset=ds.name, condition=cfg.annotation, queries=n,
-                features=extractor.name, prompt=str(prompt[1]), model=scores["gen"],
+                features=extractor.name, prompt=str(chosen[0][1]) if chosen else None,
+                prompt_pairs=len(chosen), model=scores["gen"],
                 gt_rec=scores["rec"],
                 grid=_save_grid(cfg, f"generation_{ds.name}_{cfg.annotation}", rows))
 
@@ -424,37 +464,126 @@ def eval_curve(model, vqgan, data, cfg=EvalConfig(), counts=(0, 1, 2, 4, 7)):
 
 
 @torch.no_grad()
+def eval_mapping(model, vqgan, data, cfg=EvalConfig(), counts=(1, 2, 4, 7)):
+    """In-context learning of a mapping only the prompt shows (toy world): segmentation maps whose
+    class -> colour palette is drawn anew for each group of pictures, the held-out split's palettes
+    never used in training. Each query's prompt pairs are other pictures of its group (the next
+    ones, in turn), so the answer's colours can be read from the examples only, and a class no pair
+    shows cannot be known. Answers greedy (the argmax code), read as classes by the nearest colour
+    of the group's palette; mIoU (%) per count, beside "shown" (the share of the queries' shape
+    pixels whose class some prompt pair shows: what a perfect learner could know) and the oracle
+    (the truth's VQ-GAN round trip read the same way: the best answer through this tokenizer,
+    palette known)."""
+    split = Path(data) / cfg.split
+    meta = json.loads((Path(data) / "meta.json").read_text())
+    mapping, size = meta["mapping"], vqgan.config["resolution"]
+    ds = find_paired(data, cfg.split, "segmentation")  # the classes, from the fixed-palette maps
+    folder, group = split / mapping["folder"], mapping["group"][cfg.split]
+    palettes = [np.concatenate([[[0, 0, 0]], np.array(mapping["colours"])[p]]).astype(np.uint8)
+                for p in mapping["palettes"][cfg.split]]
+    units = ds.units[:len(ds.units) // group * group]  # whole groups only
+    queries = list(range(len(units)))[:cfg.limit]
+    items = {}
+
+    def item(i):  # (picture, its recoloured map: uint8 [3, R, R], classes [R, R])
+        if i not in items:
+            image, _, labels = read_pair(ds, units[i], size)
+            recoloured = tokenize_data.load_unit(
+                ("pair", units[i][1], str(folder / Path(units[i][2]).name)), {"size": size})[1]
+            items[i] = (image, torch.from_numpy(recoloured).permute(2, 0, 1), labels)
+        return items[i]
+
+    def prompts(i, k):  # the k pictures after i in its group, cyclically
+        first = i // group * group
+        return [first + (i - first + j) % group for j in range(1, k + 1)]
+
+    greedy = replace(cfg, temperature=0.0, top_k=1)
+    K, result = len(palettes[0]), dict(protocol="mapping", dataset="toy", queries=len(queries),
+                                       prompt_pairs=[k for k in counts if k < group], miou=[],
+                                       shown=[], token_accuracy=[])
+    conf_oracle, rows = 0, []
+    for k in result["prompt_pairs"]:
+        conf, shown, accuracy = 0, [], []
+        for batch in tqdm(list(_batched(queries, cfg.batch_size)), desc=f"mapping, {k} pairs",
+                          unit="batch"):
+            prompt = torch.stack([torch.stack([im for j in prompts(i, k) for im in item(j)[:2]])
+                                  for i in batch])  # [B, 2k, 3, R, R]
+            query = torch.stack([item(i)[0] for i in batch])
+            truth = torch.stack([item(i)[1] for i in batch])
+            labels = torch.stack([item(i)[2] for i in batch])
+            tokens = torch.cat([images_to_tokens(vqgan, prompt.flatten(0, 1)).view(len(batch), -1),
+                                images_to_tokens(vqgan, query).view(len(batch), -1)], 1).cpu()
+            answer, codes = _sample(model, vqgan, tokens, 1, greedy, None)
+            accuracy.append((codes == images_to_tokens(vqgan, truth).cpu()).float().mean(1))
+            read_out = lambda x: torch.stack([colors_to_classes(a.permute(1, 2, 0), palettes[
+                i // group % len(palettes)]) for a, i in zip(x, batch)])
+            conf += confusion_matrix(read_out(answer[:, 0]), labels, K)
+            if k == result["prompt_pairs"][0]:
+                conf_oracle += confusion_matrix(read_out(_round_trip(vqgan, truth)), labels, K)
+            for i, lab in zip(batch, labels):
+                known = torch.zeros(K, dtype=torch.bool)
+                for j in prompts(i, k):
+                    known[item(j)[2].unique()] = True
+                shapes = (lab > 0) & (lab < K)
+                shown.append((known[lab[shapes]].float().mean() if shapes.any()
+                              else torch.tensor(1.0)).item())
+            if len(rows) < cfg.grid_rows and k == max(result["prompt_pairs"]):
+                rows += [list(p) + [None, q, a, t] for p, q, a, t in
+                         zip(prompt, query, answer[:, 0], truth)][:cfg.grid_rows - len(rows)]
+        result["miou"].append(100 * miou_from_confusion(conf))
+        result["shown"].append(100 * float(np.mean(shown)))
+        result["token_accuracy"].append(100 * torch.cat(accuracy).mean().item())
+    result["oracle"] = 100 * miou_from_confusion(conf_oracle)
+    result["grid"] = _save_grid(cfg, "mapping_toy", rows)
+    return result
+
+
+DIFFERENT = 32  # grey levels by which two pictures must differ for a pixel to tell them apart
+
+
+@torch.no_grad()
 def eval_tasks(model, vqgan, data, cfg=EvalConfig()):
-    """Does the prompt choose the task? Each held-out query image is asked once per annotation task
-    X, with one prompt pair "image, X" (the same prompt image for every task). Task identified: the
-    answer is nearer (pixel MSE) to the query's X than to its other annotations. Uses the query:
-    nearer to its own query's X than to another query's X. Reports both (%), the task x
-    nearest-truth table and a picture: one query, a row per task."""
-    size, tasks = vqgan.config["resolution"], list(cfg.tasks)
-    answers, truths, rows = {}, {}, []
+    """Does the prompt choose the task? Each held-out picture is asked once per task X (its query:
+    the picture, or for inpainting and colorization its masked or grey version), with one prompt
+    pair of task X (the same prompt picture for every task). Task identified: the answer is nearer
+    (squared error) to X's true answer than to the other tasks' answers and to its own query, each
+    over the pixels where the two differ, so copying the query is a miss and a colorization is
+    judged on the hues it had to add. Uses the query: nearer to its
+    own query's answer than to another query's. Reports both (%), the task x nearest-picture table
+    (whole-picture MSE) and a picture: one query, a row per task."""
+    tasks = list(cfg.tasks)
+    split = Path(data) / cfg.split if (Path(data) / "meta.json").is_file() else Path(data)
+    folders = {task: toy_tasks(split).get(task, ("images", task)) for task in tasks}
+    answers, pictures, rows = {}, {}, []
     for task in tasks:
         ds, (prompt,), shown, n, batches = _answer_queries(model, vqgan, data, cfg, task, True,
                                                            f"task {task}")
-        answers[task], truths[task] = map(
-            torch.cat, zip(*[(generated, truth) for _, generated, truth, _, _ in batches]))
-        query = read_pair(ds, _prompt_and_queries(data, cfg, task)[3][0], size)[0]
-        rows.append(shown + [None, query, answers[task][0], truths[task][0]])
+        answers[task], queries, truths = map(torch.cat, zip(*[
+            (generated, query, truth) for query, generated, truth, _, _ in batches]))
+        pictures.update(zip(folders[task], (queries, truths)))
+        rows.append(shown + [None, queries[0], answers[task][0], truths[0]])
     if n < 2:
         raise ValueError("the task protocol needs at least 2 queries "
                          "(one answer is compared with another's truth)")
     mse = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    names = list(pictures)
     nearest, identified, uses_query = {}, {}, {}
     for task in tasks:
-        # [N, tasks]
-        distances = torch.stack([mse(answers[task], truths[other]) for other in tasks], 1)
-        winner = distances.argmin(1)
-        nearest[task] = {other: 100 * (winner == j).float().mean().item()
-                         for j, other in enumerate(tasks)}
-        identified[task] = nearest[task][task]
+        truth, answer = pictures[folders[task][1]], answers[task]
+        winner = torch.stack([mse(answer, pictures[f]) for f in names], 1).argmin(1)
+        nearest[task] = {f: 100 * (winner == j).float().mean().item() for j, f in enumerate(names)}
+        # identified: nearer the truth than each other picture where the two differ (by more than
+        # DIFFERENT levels): the hole of inpainting, the hues of colorization, not the whole image
+        wins = torch.ones(len(answer), dtype=torch.bool)
+        for f in {a for _, a in folders.values()} | {folders[task][0]}:
+            where = ((truth.int() - pictures[f].int()).abs().amax(1, keepdim=True)
+                     > DIFFERENT).expand_as(truth)
+            closer = lambda x: ((answer.float() - x.float()).pow(2) * where).flatten(1).sum(1)
+            wins &= ~where.flatten(1).any(1) | (closer(truth) < closer(pictures[f]))
+        identified[task] = 100 * wins.float().mean().item()
         # the previous query's truth (the last query's for the first)
-        other_query = truths[task].roll(1, 0)
-        uses_query[task] = 100 * (distances[:, tasks.index(task)]
-                                  < mse(answers[task], other_query)).float().mean().item()
+        uses_query[task] = 100 * (mse(answers[task], truth)
+                                  < mse(answers[task], truth.roll(1, 0))).float().mean().item()
     return dict(protocol="tasks", dataset="toy", queries=n, tasks=tasks, identified=identified,
                 uses_query=uses_query, nearest=nearest, grid=_save_grid(cfg, "tasks_toy", rows))
 
@@ -516,12 +645,17 @@ def markdown_table(results, model_name="LVM-Lite"):
     protocol = results[0]["protocol"]
     if protocol == "tasks":
         r = results[0]
-        lines = ["| prompt pair of | " + " | ".join(f"answer nearest {t} (%)" for t in r["tasks"]) +
-                 " | nearer own query than another (%) |", "|---" * (len(r["tasks"]) + 2) + "|"]
-        lines += [f"| {t} | " + " | ".join(f"{r['nearest'][t][o]:.1f}" for o in r["tasks"]) +
-                  f" | {r['uses_query'][t]:.1f} |" for t in r["tasks"]]
-        return "\n".join(lines) + (f"\n\n{r['queries']} queries, one prompt pair each; "
-                                   "nearest by pixel MSE.\n")
+        pictures = list(next(iter(r["nearest"].values())))
+        lines = ["| prompt pair of | identified (%) | "
+                 + " | ".join(f"nearest {p} (%)" for p in pictures)
+                 + " | nearer own query than another (%) |", "|---" * (len(pictures) + 3) + "|"]
+        lines += [f"| {t} | **{r['identified'][t]:.1f}** | "
+                  + " | ".join(f"{r['nearest'][t][p]:.1f}" for p in pictures)
+                  + f" | {r['uses_query'][t]:.1f} |" for t in r["tasks"]]
+        return "\n".join(lines) + (f"\n\n{r['queries']} queries, one prompt pair each. Identified: "
+                                   "nearer X's answer than the other tasks' answers and the "
+                                   "query, each where the two differ; nearest: of the query's "
+                                   "pictures, by pixel MSE.\n")
     if protocol == "curve":
         r = results[0]
         lines = ["| prompt pairs | " + " | ".join(map(str, r["prompt_pairs"])) + " |",

@@ -264,28 +264,54 @@ def save_gif(frames, path, fps=4, min_size=128):
                    loop=0)
 
 
-def save_plot(x_labels, series, path, xlabel, width=420, height=260):
-    """A small line plot (PIL only) of percentages: series maps a label to one value in [0, 100] per
-    x label, each line in its own colour. Returns the path as a string."""
+def save_plot(x_labels, series, path, xlabel, width=420, height=260, y_range=(0, 100), unit="%",
+              title=""):
+    """A small line plot (PIL only): series maps a label to one value per x label (None: no point),
+    each line in its own colour, on the y axis y_range (in `unit`). Returns the path as a string."""
     from PIL import ImageDraw
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 46, width - 12, 30, height - 38
+    # the legend: labels one after another, wrapped to the width, above the plot
+    legend, x, y = [], 50, 4 + 14 * bool(title)
+    for label in series:
+        w = draw.textlength(label) + 16
+        if x + w > width and x > 50:
+            x, y = 50, y + 14
+        legend.append((x, y))
+        x += w
+    left, right, top, bottom = 46, width - 12, y + 22, height - 38
+    low, high = y_range
     x_of = lambda i: left + (right - left) * i / max(1, len(x_labels) - 1)
-    y_of = lambda v: bottom - (bottom - top) * v / 100
-    for v in range(0, 101, 20):
+    y_of = lambda v: bottom - (bottom - top) * (v - low) / (high - low)
+    for k in range(6):
+        v = low + (high - low) * k / 5
         draw.line([(left, y_of(v)), (right, y_of(v))], fill=(225, 225, 225))
-        draw.text((left - 28, y_of(v) - 6), f"{v}%", fill="black")
+        draw.text((left - 40, y_of(v) - 6), f"{v:.0f}{unit}", fill="black")
     for i, label in enumerate(x_labels):
         draw.text((x_of(i) - 3, bottom + 6), str(label), fill="black")
     draw.text(((left + right) // 2 - 40, height - 18), xlabel, fill="black")
-    colours = [(40, 90, 255), (215, 45, 45), (40, 160, 60), (150, 60, 200)]
+    if title:
+        draw.text((left, 4), title, fill="black")
+    colours = [(40, 90, 255), (215, 45, 45), (40, 160, 60), (150, 60, 200), (120, 120, 120)]
     for n, (label, values) in enumerate(series.items()):
         colour = colours[n % len(colours)]
-        points = [(x_of(i), y_of(v)) for i, v in enumerate(values)]
-        draw.line(points, fill=colour, width=2)
+        points = [(x_of(i), y_of(min(max(v, low), high))) for i, v in enumerate(values)
+                  if v is not None]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text((left + 10 + 150 * n, 8), label, fill=colour)
+        draw.text(legend[n], label, fill=colour)
     image.save(path)
+    return str(path)
+
+
+def save_panels(paths, path):
+    """Paste PNGs (plots) side by side into one picture. Returns the path as a string."""
+    panels = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)),
+                       "white")
+    for k, panel in enumerate(panels):
+        canvas.paste(panel, (sum(p.width for p in panels[:k]), 0))
+    canvas.save(path)
     return str(path)

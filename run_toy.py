@@ -4,13 +4,20 @@ The whole LVM-Lite method on the toy world, one command:
     toy world -> VQ-GAN -> tokens -> stage 1 (single images) -> stage 2 (sequences)
         -> in-context evaluation
 
-    python run_toy.py               # 7-15 minutes on a 2-core CPU; on a GPU if there is one
+    python run_toy.py               # 6-12 minutes on a 2-core CPU; on a GPU if there is one
                                     # (a larger profile)
     python run_toy.py --quick       # a few minutes: the same pipeline, tiny budgets (what CI runs)
     python run_toy.py --ablation pretrain   # Table 4 in miniature: single-image vs random-sequence
                                             # stage 1
     python run_toy.py --ablation finetune   # Table 5 in miniature: fine-tuning mixtures
+    python run_toy.py --ablation scale      # Table 6 in miniature: model size and stage-1 length
+    python run_toy.py --ablation sampling   # Figure 6 in miniature: temperature, top-k, prompts
+    python run_toy.py --ablation long-video # Figure 12 in miniature: 4x the context, sliding window
+    python run_toy.py --ablation mapping    # learning a mapping only the prompt shows (per-group
+                                            # palettes), beside the demo's task recognition
+    python run_toy.py --ablation scale --docs docs   # also copy the tables and pictures to docs/
 
+Every ablation reuses what the demo trained (the same folder), training only its own variants.
 Each step runs the project's own script (printed before it starts) and leaves a `.done` marker in
 its folder, so an interrupted run, started again with the same command, skips what is finished and
 resumes the step it was in (the training scripts resume from their checkpoints). Everything goes to
@@ -20,6 +27,7 @@ OUT/results.json; pictures: OUT/eval_*/*.png.
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +37,7 @@ from pathlib import Path
 import torch
 
 import evaluate
+import toyworld
 import vqgan
 from checkpoint import load_model
 
@@ -42,8 +51,9 @@ PROFILES = {
                            num_val_videos=100, frames=20),
                 vqgan=dict(max_steps=200, batch_size=16),
                 stage1=dict(max_steps=200, batch_size=128),
-                stage2=dict(max_steps=1500, batch_size=8), mix=RECIPE_MIX,
-                queries=96, videos=100, ablation_stage2_steps=600, num_samples=8),
+                stage2=dict(max_steps=2400, batch_size=8), mix=RECIPE_MIX,
+                queries=96, videos=100, ablation_stage2_steps=600, num_samples=8,
+                scale_sizes=("micro", "tiny", "mini"), mapping_steps=4500, long_videos=32),
     "gpu": dict(device="cuda", size="small",
                 world=dict(num_images=40000, num_val_images=200, num_videos=4000,
                            num_val_videos=100, frames=20),
@@ -51,13 +61,15 @@ PROFILES = {
                 stage1=dict(max_steps=1000, batch_size=512, lr=1e-3),
                 stage2=dict(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4),
                 mix=RECIPE_MIX,
-                queries=192, videos=100, ablation_stage2_steps=1000, num_samples=8),
+                queries=192, videos=100, ablation_stage2_steps=1000, num_samples=8,
+                scale_sizes=("tiny", "small", "small"), mapping_steps=6000, long_videos=100),
     "quick": dict(device="cpu", size="tiny",
                   world=dict(num_images=300, num_val_images=40, num_videos=20,
                              num_val_videos=6, frames=20),
                   vqgan=dict(max_steps=20, batch_size=16), stage1=dict(max_steps=30, batch_size=32),
                   stage2=dict(max_steps=20, batch_size=8), mix=RECIPE_MIX,
-                  queries=4, videos=4, ablation_stage2_steps=10, num_samples=2),
+                  queries=4, videos=4, ablation_stage2_steps=10, num_samples=2,
+                  scale_sizes=("micro", "tiny", "mini"), mapping_steps=10, long_videos=2),
 }
 # Table 5's rows: which sequence kinds stage 2 mixes, with what weights
 # ("natural+discriminative" is the recipe)
@@ -66,7 +78,7 @@ MIXTURES = {"natural": "natural:1", "generative": "generative:1",
             "natural+discriminative": RECIPE_MIX,
             "natural+generative+discriminative": "natural:2,generative:1,discriminative:2",
             "all + random": "natural:2,generative:1,discriminative:2,random:1"}
-ANNOTATIONS = ("segmentation", "edges", "depth")  # the toy world's tasks, all in stage 2
+TASKS = tuple(toyworld.TASKS)  # the toy world's five tasks, all in stage 2
 
 
 def run(cmd, done_dir, resumable=None):
@@ -90,9 +102,9 @@ def flags(settings):
 
 
 def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_tag="",
-                 stage2_steps=None):
+                 stage2_steps=None, size=None, stage1_steps=None, pairs=TASKS):
     """Toy world, tokenizer, tokens (shared by every variant), then stage 1 and stage 2 of one
-    variant."""
+    variant (its own size, stage-1 steps, stage-2 steps, mixture, pair files)."""
     py, world, vq, tok = sys.executable, out / "world", out / "vqgan", out / "tokens"
     # redone if cut
     run([py, "toyworld.py", "--out", str(world), "--seed", "0"] + flags(p["world"]), world)
@@ -104,11 +116,11 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
         vq, vq / "training_state.pt")
     run([py, "tokenize_data.py", "toyworld", "--root", str(world), "--vqgan", str(vq),
          "--out", str(tok), "--device", p["device"]], tok)
-    common = [f"--size={p['size']}", f"--device={p['device']}", f"--vqgan={vq}",
+    common = [f"--size={size or p['size']}", f"--device={p['device']}", f"--vqgan={vq}",
               "--log_interval=50", f"--num_samples={p['num_samples']}"]
     s1, s2 = out / f"stage1{stage1_tag}", out / f"stage2{stage2_tag}"
-    stage1, stage2 = (dict(p["stage1"]),
-                      {**p["stage2"], "max_steps": stage2_steps or p["stage2"]["max_steps"]})
+    stage1 = {**p["stage1"], "max_steps": stage1_steps or p["stage1"]["max_steps"]}
+    stage2 = {**p["stage2"], "max_steps": stage2_steps or p["stage2"]["max_steps"]}
     # stage 1: single images of 16 tokens (the paper), or for Table 4's baseline random 16-image
     # sequences with as many tokens per step (16x fewer sequences)
     per_seq = 16 if random_stage1 else 1
@@ -117,9 +129,9 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
          f"--data={tok}/train_images", f"--val_data={tok}/val_images", f"--out_dir={s1}",
          f"--eval_interval={stage1['max_steps']}", f"--micro_batch_size={stage1['batch_size']}"]
         + flags(stage1) + common, s1, s1 / "ckpt.pt")
-    # stage 2 on videos and the three annotation tasks of the same images (pairs); the single images
-    # serve only Table 5's random sequences (each kind draws from files of its own kind)
-    names = ("video",) + ANNOTATIONS + ("images",)
+    # stage 2 on videos and the five tasks of the same images (pairs); the single images serve only
+    # Table 5's random sequences (each kind draws from files of its own kind)
+    names = ("video",) + tuple(pairs) + ("images",)
     seq_data = ",".join(f"{tok}/train_{n}" for n in names)
     val_data = ",".join(f"{tok}/val_{n}" for n in names)
     run([py, "finetune.py", "--stage=finetune-toy", f"--init_from={s1}", f"--data={seq_data}",
@@ -148,7 +160,7 @@ def evaluate_models(out, models, p, in_context=("stage 1 + stage 2 (LVM-Lite)",)
             "generation": evaluate.eval_generation(model, vq, out / "world", cfg),
             # held-out next-token loss on stage 2's kinds of sequence (16 images each)
             "perplexity": {k: evaluate.eval_perplexity(model, out / "tokens" / f"val_{k}", seq)
-                           for k in ("video",) + ANNOTATIONS},
+                           for k in ("video",) + TASKS},
         }
         if name in in_context:
             results[name]["tasks"] = evaluate.eval_tasks(model, vq, out / "world", cfg)
@@ -209,8 +221,10 @@ def main():
                     help="tiny budgets: a few minutes (CI); the same as --profile quick")
     ap.add_argument("--profile", choices=list(PROFILES),
                     help="budgets (default: gpu if there is one, else cpu)")
-    ap.add_argument("--ablation", choices=["pretrain", "finetune"],
-                    help="Table 4 or Table 5 in miniature")
+    from toy_studies import STUDIES
+    ap.add_argument("--ablation", choices=["pretrain", "finetune"] + list(STUDIES),
+                    help="Table 4, 5 or 6, Figure 6 or 12 in miniature, or the mapping probe")
+    ap.add_argument("--docs", help="also copy the tables and pictures to this folder (e.g. docs)")
     ap.add_argument("--out", help="output folder (default out/toy, out/toy-quick or out/toy-gpu)")
     a = ap.parse_args()
     profile = pick_profile(a)
@@ -220,6 +234,15 @@ def main():
     out = Path(a.out or {"cpu": "out/toy", "quick": "out/toy-quick", "gpu": "out/toy-gpu"}[profile])
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if a.ablation in STUDIES:  # the studies of toy_studies.py, on the demo's models
+        demo = None if a.ablation == "scale" else train_models(out, p)[1]
+        text, results, pictures = STUDIES[a.ablation](out, p, demo, sys.modules[__name__])
+        wall = time.time() - t0
+        text += (f"\n{profile} profile, wall time {wall / 60:.1f} min in this run (steps finished "
+                 "by an earlier run are not counted).\n")
+        publish(out, a.ablation, text, dict(results=results, wall_seconds=wall, profile=profile),
+                pictures, a.docs)
+        return
     # both stage-1 variants see the same number of tokens, then the same stage 2
     if a.ablation == "pretrain":
         steps = p["ablation_stage2_steps"]
@@ -251,7 +274,6 @@ def main():
     train_seconds = time.time() - t0
     results = evaluate_models(out, models, p)
     rows = summary_rows(results)
-    name = f"results{'-' + a.ablation if a.ablation else ''}"
     wall = time.time() - t0
     text = markdown(rows, title) + (
         f"\n{notes}{profile} profile, wall time {wall / 60:.1f} min in this run "
@@ -264,21 +286,57 @@ def main():
                 text += f"\n#### {model_name}: " + {"tasks": "the prompt chooses the task",
                                                      "curve": "the in-context curve"}[k] + "\n\n"
                 text += evaluate.markdown_table([r[k]], model_name)
+    demo = results.get("stage 1 + stage 2 (LVM-Lite)")
+    if demo:
+        text += "\n" + video_frames(demo["video"], "stage 1 + stage 2 (LVM-Lite): the video, "
+                                                    "frame by frame")
     for model_name, r in results.items():  # the per-protocol tables, in the paper's layout
         for k in ("segmentation", "video", "generation"):
             text += "\n" + evaluate.markdown_table([r[k]], model_name)
-    (out / f"{name}.md").write_text(text)
-    (out / f"{name}.json").write_text(json.dumps(dict(rows=rows, results=results, wall_seconds=wall,
-                                                      profile=profile), indent=1, default=str))
-    print("\n" + text.split("\n\n#### ")[0].split("\n\n| Model")[0])
-    print(f"wall time {wall / 60:.1f} min; tables: {out / (name + '.md')}")
-    for r in results.values():
-        for k in ("segmentation", "video", "generation", "tasks"):
-            if k in r:
-                print(f"picture: {r[k]['grid']}")
-        if "curve" in r:
-            print(f"picture: {r['curve']['plot']}")
+    # the pictures of the in-context model(s) (the demo: stage 1 + stage 2)
+    pictures = [r[k]["grid"] for r in results.values() if "tasks" in r
+                for k in ("segmentation", "video", "generation", "tasks")]
+    pictures += [r["curve"]["plot"] for r in results.values() if "curve" in r]
+    publish(out, a.ablation, text, dict(rows=rows, results=results, wall_seconds=wall,
+                                        profile=profile), pictures, a.docs,
+            summary=text.split("\n\n#### ")[0].split("\n\n| Model")[0])
 
+
+def publish(out, ablation, text, record, pictures, docs=None, summary=None):
+    """OUT/results[-ABLATION].md and .json; with docs, the table and pictures also go there as
+    toy_results[-ABLATION].md and toy_NAME.png."""
+    name = f"results{'-' + ablation if ablation else ''}"
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str))
+    print("\n" + (summary or text))
+    print(f"tables: {out / (name + '.md')}")
+    for picture in pictures:
+        print(f"picture: {picture}")
+    if docs:
+        Path(docs).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / f"{name}.md", Path(docs) / f"toy_{name}.md")
+        for picture in map(Path, filter(None, pictures)):
+            # segmentation_toy.png -> toy_segmentation.png, generation_toy_segmentation.png ->
+            # toy_generation.png
+            stem = re.sub(r"_toy(_segmentation)?$", "", picture.stem)
+            shutil.copy(picture, Path(docs) / f"toy_{stem}.png")
+        print(f"copied to {docs}/")
+
+
+def video_frames(video, title):
+    """The video protocol frame by frame: PSNR of the model and of repeating the last frame, and the
+    share of the copyable cells the model got right."""
+    m, last = video["model"], video["repeat_last"]
+    frames = range(len(m["psnr_per_frame"]))
+    line = lambda name, values, d: f"| {name} | " + " | ".join(f"{v:.{d}f}" for v in values) + " |"
+    return "\n".join([
+        f"#### {title}", "", "| predicted frame | " + " | ".join(str(t + 6) for t in frames) + " |",
+        "|---" * (len(frames) + 1) + "|", line("model PSNR (dB)", m["psnr_per_frame"], 1),
+        line("repeat the last frame (dB)", last["psnr_per_frame"], 1),
+        line("copyable cells right (%)", m["copyable_right_per_frame"], 1),
+        line("cells copyable (%)", m["copyable_share_per_frame"], 0), "",
+        "Copyable: a cell some prompt frame already showed, pixel for pixel; right: its sampled "
+        "code is the truth's (paper protocol: temperature 1, top-k 100).", ""])
 
 if __name__ == "__main__":
     main()

@@ -304,9 +304,10 @@ def _read_progress(path, fingerprint):
 
 def _finish(prefix, meta, rows, groups, skipped):
     """Write NAME.json, then move NAME.tokens.partial into place: each step atomic."""
-    meta = dict(meta, num_images=rows,
-                groups=groups if meta["kind"] == "video" else [[0, rows]] if rows else [],
-                skipped=skipped)
+    if meta["kind"] != "video":  # pairs: one group, or runs of pairs_per_group pairs
+        step = 2 * meta["pairs_per_group"] if "pairs_per_group" in meta else rows
+        groups = [[first, min(step, rows - first)] for first in range(0, rows, step)]
+    meta = dict(meta, num_images=rows, groups=groups, skipped=skipped)
     Path(f"{prefix}.json.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(f"{prefix}.json.tmp", f"{prefix}.json")
     os.replace(f"{prefix}.tokens.partial", f"{prefix}.tokens")
@@ -476,12 +477,15 @@ def toyworld_jobs(root):
         jobs.append(("images", list_images([images]), f"{split}_images", {}, {"sources": [images]}))
         jobs.append(("video", list_videos([videos]), f"{split}_video",
                      {"stride": 1, "max_frames": 256}, {"stride": 1, "sources": [videos]}))
-        for ann in meta["annotations"]:
-            palette, folder = (meta["palette"] if ann == "segmentation" else None,
-                               str(Path(root, split, ann)))
-            jobs.append(("pairs", list_pairs(images, folder), f"{split}_{ann}",
-                         {"palette": palette},
-                         {"annotation": ann, "palette": palette, "sources": [images, folder]}))
+        tasks = dict(meta["tasks"], **{meta["mapping"]["folder"]: ("images", "recoloured")})
+        for task, (query, answer) in tasks.items():
+            palette = meta["palette"] if task == "segmentation" else None
+            folders = [str(Path(root, split, query)), str(Path(root, split, answer))]
+            # a recoloured map's palette holds for its group only: a sequence stays in one group
+            group = meta["mapping"]["group"][split] if task == meta["mapping"]["folder"] else None
+            jobs.append(("pairs", list_pairs(*folders), f"{split}_{task}", {"palette": palette},
+                         {"annotation": task, "palette": palette, "sources": folders,
+                          **({"pairs_per_group": group} if group else {})}))
     return jobs
 
 

@@ -8,22 +8,28 @@ shakespeare_char is to nanoGPT.
 
 What is in it (all 32x32 RGB PNG; a toy tokenizer reads it as 4x4 cells of 8x8 pixels, one token
 each):
-- images: 1-3 shapes (square, circle, triangle) of 8, 12 or 16 px on a tinted grey background, flat
+- images: 1-3 shapes (square, circle, triangle) of 8, 12 or 16 px on a grey background, flat
   or with a gentle ramp. Positions and sizes sit on a 4-px grid. The class decides the hue (squares
   red, circles green, triangles blue, each jittered), so what a cell shows says which class it
   holds: each answer token of a task follows from the query at and near the same place, and the
   prompt decides which mapping applies.
-- three annotations per image, same file stem, three tasks for the same images:
-    segmentation/  flat class colours in the fixed PALETTE (background black), the answer to
-                   "image -> segmentation"
-    edges/         white object boundaries on black
-    depth/         depth-like order on a ground plane: lower in the picture = nearer = brighter and
-                   drawn on top
-- videos: frame folders of a camera panning right at 4 px per frame (half a cell) along a wide strip
-  of scene: shapes drift left through the view and out of it, new ones come in from the right, and
-  every second frame is the one two before it shifted by exactly one cell. The background is a
-  gentle ramp, so no frame repeats one before it (repeating the last frame never scores a perfect
-  frame).
+- five tasks on the same pictures, same file stem (TASKS: query folder -> answer folder):
+    segmentation/  images/ -> flat class colours in the fixed PALETTE (background black)
+    edges/         images/ -> white object boundaries on black
+    depth/         images/ -> depth-like order on a ground plane: lower in the picture = nearer =
+                   brighter and drawn on top
+    masked/        -> images/: inpainting, the picture with a black 16x16 square (2x2 cells) to fill
+    grey/          -> images/: colorization, the picture's luminance
+- recoloured/: the segmentation maps again, but each group of GROUP[split] consecutive pictures has
+  a class -> colour palette of its own, drawn from MAP_COLOURS; the palettes of val/ are never used
+  in train/. A prompt of pairs from one group shows its palette; nothing else does (the probe of
+  in-context learning of a mapping no training sequence showed).
+- videos: frame folders of two shapes (of 1 and 2x2 cells) sliding over a still flat background by
+  one token cell (8 px) per frame, bouncing off the picture's edges. Nearly every cell of a frame
+  is a cell of the frames before it, moved whole (background stays, shapes move): what a model can
+  continue by copying, which the evaluation counts. (A camera panning half a cell per frame, this
+  world's first video, never repeats a token: the model could only blur.) The motion repeats every
+  12 frames, so a frame 12 after another equals it.
 - a held-out split: val/ is drawn from its own random streams, so its pictures are not those of
   train/.
 
@@ -38,6 +44,7 @@ Every item is drawn from its own generator seeded by (seed, split, kind, index),
 depend on how many items are asked for.
 """
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -63,15 +70,29 @@ DEFAULTS = dict(size=32, num_images=10000, num_val_images=200, num_videos=1000,
 GRID = 4
 SIDES = (8, 12, 16)  # shape sizes in pixels: 1-2 token cells of a f=8 tokenizer
 # the class decides the shape's hue (squares red, circles green, triangles blue), each channel
-# jittered by +-COLOUR_JITTER; backgrounds are greys tinted by at most +-TINT per channel. So what a
-# token shows says its class.
-CLASS_COLOURS = np.array([[0, 0, 0], [215, 45, 45], [45, 190, 45], [55, 85, 230]])
-COLOUR_JITTER, TINT = 30, 15
-PAN = 4  # video camera speed, px per frame: half a token cell
-SHAPES_PER_VIEW = 1.5  # shapes in a video's scene per view-sized area
-# grey levels the background of a video's scene changes by from one side to the other
-VIDEO_RAMP = 40
+# jittered by +-COLOUR_JITTER, so what a token shows says its class. The hues also differ in
+# brightness (luminance about 100, 128 and 61), all darker than any background (BACKGROUND grey
+# levels, a ramp of up to RAMP more or less), so a grey picture still shows every shape and says its
+# class; and backgrounds are pure greys (a tint of at most +-TINT per channel: none), so a grey
+# picture's background is the colour picture's. Colorization has the shapes to colour, nothing
+# unknowable.
+CLASS_COLOURS = np.array([[0, 0, 0], [220, 50, 40], [40, 190, 40], [30, 50, 200]])
+COLOUR_JITTER, TINT = 15, 0
+BACKGROUND, RAMP = (175, 230), 25
+STEP = 8  # video: shapes move one token cell per frame, on the cell grid, sides of 1 or 2 cells
+MASK = 16  # inpainting: the side of the black square to fill, on the cell grid
+# the mapping probe: a palette (three distinct colours for square, circle, triangle; background
+# black) per group of pictures, from colours the toy tokenizer reproduces well. Of the 120 palettes,
+# HELD_OUT (drawn by a fixed generator) colour only val/.
+MAP_COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [150, 150, 150],
+                        [90, 90, 90]])
+HELD_OUT = 24
+GROUP = {"train": 50, "val": 8}  # pictures per palette group
+TASKS = {"segmentation": ("images", "segmentation"), "edges": ("images", "edges"),
+         "depth": ("images", "depth"), "inpainting": ("masked", "images"),
+         "colorization": ("grey", "images")}
 DEPTH_NEAR, DEPTH_FAR = 255, 80  # depth grey = FAR + (NEAR - FAR) * (shape's bottom edge) / size
+FOLDERS = ("images", "segmentation", "edges", "depth", "masked", "grey", "recoloured", "videos")
 
 
 def shape_mask(cls, x, y, side, size):
@@ -89,13 +110,13 @@ def shape_mask(cls, x, y, side, size):
 
 
 def background(rng, size, ramp=None):
-    """Float [H, W, 3] (size = H = W, or (H, W)): a tinted grey, plus a linear ramp of `ramp` grey
-    levels across the picture in a random direction (None: a ramp of up to 50 levels or none,
-    evenly)."""
+    """Float [H, W, 3] (size = H = W, or (H, W)): a grey (tinted by up to TINT), plus a linear ramp
+    of `ramp` grey levels across the picture in a random direction (None: a ramp of up to RAMP
+    levels or none, evenly)."""
     height, width = (size, size) if np.isscalar(size) else size
-    c1 = rng.uniform(60, 190) + rng.uniform(-TINT, TINT, 3)
+    c1 = rng.uniform(*BACKGROUND) + rng.uniform(-TINT, TINT, 3)
     if ramp is None:
-        ramp = rng.uniform(-50, 50) if rng.integers(2) else 0.0
+        ramp = rng.uniform(-RAMP, RAMP) if rng.integers(2) else 0.0
     yy, xx = np.mgrid[0:height, 0:width]
     a = rng.uniform(0, 2 * np.pi)
     t = xx * np.cos(a) + yy * np.sin(a)
@@ -156,31 +177,53 @@ def _box_overlap(a, b):
     return max(w, 0) * max(h, 0) / a[2] ** 2
 
 
-def make_image(rng, size):
-    """One picture with its three annotations, each uint8 [H, W, 3]."""
+def palettes(split):
+    """[n, 3] indices into MAP_COLOURS: the palettes of a split (train: 96, val: the HELD_OUT)."""
+    every = np.array([p for p in itertools.permutations(range(len(MAP_COLOURS)), 3)])
+    order = np.random.default_rng(2024).permutation(len(every))
+    return every[order[HELD_OUT:] if split == "train" else order[:HELD_OUT]]
+
+
+def make_image(rng, size, palette=None):
+    """One picture with its task pictures, each uint8 [H, W, 3]; `recoloured` (the segmentation in
+    palette: [3] indices into MAP_COLOURS) when a palette is given."""
     bg = background(rng, size)
     image, classes, instances, depth = render(bg, sample_shapes(rng, size))
     grey = lambda a: np.repeat(a[..., None], 3, axis=2)
-    return dict(images=image, segmentation=PALETTE[classes],
-                edges=grey(edges(instances).astype(np.uint8) * 255), depth=grey(depth))
+    x, y = (int(v) * 8 for v in rng.integers(0, (size - MASK) // 8 + 1, 2))
+    masked = image.copy()
+    masked[y:y + MASK, x:x + MASK] = 0
+    luminance = np.round(image @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    out = dict(images=image, segmentation=PALETTE[classes],
+               edges=grey(edges(instances).astype(np.uint8) * 255), depth=grey(depth),
+               masked=masked, grey=grey(luminance))
+    if palette is not None:
+        out["recoloured"] = np.concatenate([[[0, 0, 0]], MAP_COLOURS[palette]])[classes]
+    return {k: v.astype(np.uint8) for k, v in out.items()}
 
 
 def make_video(rng, size, frames):
-    """uint8 [frames, H, W, 3]: the camera pans right at PAN px per frame along a wide strip of
-    scene scattered with shapes, so shapes drift left through the view and leave it while new ones
-    come in from the right. The scene's background is a gentle ramp, so no two frames are alike even
-    when no shape is in view."""
-    width = size + (frames - 1) * PAN  # the strip holds every frame's view
-    bg = background(rng, (size, width), ramp=VIDEO_RAMP * rng.choice([-1, 1]))
+    """uint8 [frames, H, W, 3]: two shapes, one of one cell and one of 2x2 cells, slide over a
+    still, flat background by STEP px (one token cell) per frame along x, y or a diagonal, each
+    bouncing off the picture's edges."""
+    bg = background(rng, size, ramp=0)  # flat: the shapes are what moves and what to follow
+    velocities = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
     shapes = []
-    for _ in range(rng.poisson(SHAPES_PER_VIEW * width / size)):
-        side = int(rng.choice(SIDES))
-        x = int(rng.integers(0, (width - side) // GRID + 1)) * GRID
-        y = int(rng.integers(0, (size - side) // GRID + 1)) * GRID
+    for side in (STEP, 2 * STEP):
+        x, y = (int(v) * STEP for v in rng.integers(0, (size - side) // STEP + 1, 2))
+        dx, dy = velocities[rng.integers(len(velocities))]
         cls = int(rng.integers(1, len(CLASSES)))
-        shapes.append(dict(cls=cls, x=x, y=y, side=side, colour=shape_colour(rng, cls)))
-    scene = render(bg, shapes)[0]
-    return np.stack([scene[:, t * PAN:t * PAN + size] for t in range(frames)])
+        shapes.append(dict(cls=cls, x=x, y=y, side=side, colour=shape_colour(rng, cls),
+                           v=[dx * STEP, dy * STEP]))
+    video = []
+    for _ in range(frames):
+        video.append(render(bg, shapes)[0])
+        for s in shapes:  # move; a step that would leave the picture reverses that axis first
+            for axis, key in enumerate(("x", "y")):
+                if not 0 <= s[key] + s["v"][axis] <= size - s["side"]:
+                    s["v"][axis] *= -1
+                s[key] += s["v"][axis]
+    return np.stack(video)
 
 
 def _rng(seed, split, kind, index):
@@ -194,7 +237,9 @@ def _write_item(job):
     # fast zlib; PNG stays lossless
     save = lambda arr, path: Image.fromarray(arr).save(path, compress_level=1)
     if kind == 0:
-        for name, arr in make_image(_rng(seed, split, 0, index), c["size"]).items():
+        split_palettes = palettes(split)
+        palette = split_palettes[(index // GROUP[split]) % len(split_palettes)]
+        for name, arr in make_image(_rng(seed, split, 0, index), c["size"], palette).items():
             save(arr, tmp / split / name / f"{index:05d}.png")
     else:
         folder = tmp / split / "videos" / f"{index:04d}"
@@ -217,7 +262,7 @@ def generate(out, seed=0, workers=None, **counts):
                  "val": (c["num_val_images"], c["num_val_videos"])}
     jobs = []
     for split, (n_images, n_videos) in per_split.items():
-        for name in ("images", "segmentation", "edges", "depth", "videos"):
+        for name in FOLDERS:
             (tmp / split / name).mkdir(parents=True)
         jobs += [(tmp, seed, split, 0, i, c) for i in range(n_images)]
         jobs += [(tmp, seed, split, 1, i, c) for i in range(n_videos)]
@@ -225,10 +270,12 @@ def generate(out, seed=0, workers=None, **counts):
     with multiprocessing.Pool(workers or os.cpu_count()) as pool:
         for _ in pool.imap_unordered(_write_item, jobs, chunksize=64):
             pass
-    meta = dict(toyworld=1, seed=seed, image_size=c["size"], classes=list(CLASSES),
-                palette=PALETTE.tolist(), frames_per_video=c["frames"], pan_px_per_frame=PAN,
+    meta = dict(toyworld=2, seed=seed, image_size=c["size"], classes=list(CLASSES),
+                palette=PALETTE.tolist(), frames_per_video=c["frames"], video_step_px=STEP,
                 splits={s: dict(images=n, videos=v) for s, (n, v) in per_split.items()},
-                annotations=["segmentation", "edges", "depth"])
+                tasks=TASKS,
+                mapping=dict(folder="recoloured", colours=MAP_COLOURS.tolist(), group=GROUP,
+                             palettes={s: palettes(s).tolist() for s in per_split}))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -257,7 +304,7 @@ def main(argv=None):
                         **{k: v for k, v in vars(args).items() if k not in ("out", "seed")})
     except FileExistsError as e:
         sys.exit(f"error: {e}")
-    n = sum(s["images"] * 4 + s["videos"] * meta["frames_per_video"]
+    n = sum(s["images"] * (len(FOLDERS) - 1) + s["videos"] * meta["frames_per_video"]
             for s in meta["splits"].values())
     print(f"wrote {n} PNGs to {args.out} in {time.time() - t0:.1f} s")
 

@@ -22,6 +22,9 @@ MODEL_SIZES = {
     # the toy world's models: 16 toy images of 16 tokens fill their 256-token context. tiny trains
     # on a laptop CPU in minutes, small is for the toy world on a GPU
     "tiny": dict(dim=128, n_layers=4, n_heads=4, hidden_dim=384, vocab_size=512, max_seq_len=256),
+    # beside tiny for the toy world's scaling study (Table 6 in miniature): about 1/3 and 3x it
+    "micro": dict(dim=64, n_layers=4, n_heads=4, hidden_dim=192, vocab_size=512, max_seq_len=256),
+    "mini": dict(dim=192, n_layers=6, n_heads=6, hidden_dim=512, vocab_size=512, max_seq_len=256),
     "small": dict(dim=256, n_layers=8, n_heads=8, hidden_dim=768, vocab_size=512, max_seq_len=256),
     "300M": dict(dim=1024, n_layers=22, n_heads=8, hidden_dim=2688, vocab_size=8192,
                  max_seq_len=4096),

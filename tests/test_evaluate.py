@@ -345,9 +345,71 @@ def test_task_protocol_credits_an_oracle_with_every_task_and_query(lvm, tokenize
 
     monkeypatch.setattr(evaluate, "_sample", oracle)
     r = evaluate.eval_tasks(lvm, tokenizer, toy, cfg)
+    assert cfg.tasks == ("segmentation", "edges", "depth", "inpainting", "colorization")
     assert r["identified"] == r["uses_query"] == {t: 100.0 for t in cfg.tasks}
-    assert r["nearest"]["edges"] == {"segmentation": 0.0, "edges": 100.0, "depth": 0.0}
-    assert "| edges | 0.0 | 100.0 | 0.0 | 100.0 |" in evaluate.markdown_table([r])
+    # the candidates: every picture the query's picture has, the queries of inpainting and
+    # colorization (copying them is a miss) among them
+    assert set(r["nearest"]["edges"]) == {"images", "segmentation", "edges", "depth", "masked", "grey"}
+    assert r["nearest"]["inpainting"]["images"] == 100.0 and r["nearest"]["inpainting"]["masked"] == 0.0
+    assert "| edges | **100.0** |" in evaluate.markdown_table([r])
+
+
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
+def test_task_protocol_counts_a_copied_query_as_a_miss(lvm, tokenizer, toy, monkeypatch):
+    """A "model" that answers with its query: inpainting and colorization are never identified (the answer is
+    the masked or grey picture), and the image tasks' answers are the picture itself, no map."""
+    cfg = EvalConfig(limit=4, batch_size=4, prompt_split="train")
+    copies = []  # one batch per task, the tasks in order
+    for task in cfg.tasks:
+        ds, _, _, queries = evaluate._prompt_and_queries(toy, cfg, task)
+        copies.append(torch.stack([read_pair(ds, u, 32)[0] for u in queries]))
+
+    def copy_query(model, vq, prompt, n, c, gen):
+        answers = copies.pop(0)
+        return answers[:, None], evaluate.images_to_tokens(vq, answers)
+
+    monkeypatch.setattr(evaluate, "_sample", copy_query)
+    r = evaluate.eval_tasks(lvm, tokenizer, toy, cfg)
+    assert r["identified"] == {t: 0.0 for t in cfg.tasks}
+    assert r["nearest"]["inpainting"]["masked"] == r["nearest"]["colorization"]["grey"] == 100.0
+
+
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
+def test_mapping_probe_of_an_oracle_reaches_the_oracle_and_shown_grows(lvm, tokenizer, toy, monkeypatch):
+    """A "model" that answers with the query's recoloured map: read by its group's palette, every class is
+    right at every count (so the read-out uses the query's own palette), every answer token is right, and the
+    share of classes the prompt shows never shrinks as pairs are added."""
+    toyworld.generate(toy.parent / "mapping", seed=0, num_images=0, num_val_images=16, num_videos=0,
+                      num_val_videos=0)
+    world = toy.parent / "mapping"
+    names = sorted((world / "val" / "recoloured").glob("*.png"))
+    truth = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) for f in names])
+
+    def oracle(model, vq, prompt, n, c, gen):  # the 16 queries in one batch, in order
+        return truth[:, None], evaluate.images_to_tokens(vq, truth)
+
+    cfg = EvalConfig(batch_size=16)
+    monkeypatch.setattr(evaluate, "_sample", oracle)
+    r = evaluate.eval_mapping(lvm, tokenizer, world, cfg, counts=(1, 2, 4, 7))
+    assert r["prompt_pairs"] == [1, 2, 4, 7] and r["queries"] == 16
+    # exact answers read by each group's own palette: every class right; the oracle row is the tokenizer's
+    # round trip (here an untrained one), which can only lose
+    assert r["miou"] == [pytest.approx(100)] * 4 and r["token_accuracy"] == [pytest.approx(100)] * 4
+    assert 0 <= r["oracle"] < 100
+    assert r["shown"] == sorted(r["shown"]) and r["shown"][-1] <= 100
+
+
+def test_copyable_cells_are_the_cells_some_prompt_frame_showed():
+    clips = torch.zeros(1, 4, 3, 16, 16, dtype=torch.uint8)  # 2x2 cells of 8 px
+    clips[0, 0, :, :8, :8] = 200  # frame 0 shows a bright cell at the top left
+    clips[0, 2, :, 8:, 8:] = 200  # the bright cell moved: copyable (frame 0 showed it)
+    clips[0, 3, :, :8, 8:] = 90  # a new grey cell: not copyable
+    got = evaluate.copyable_cells(clips, 2, 4)  # frames 2 and 3 after a 2-frame prompt, 4 cells each
+    assert got.tolist() == [[[True, True, True, True], [True, False, True, True]]]
 
 
 @pytest.mark.decoder

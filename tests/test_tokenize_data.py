@@ -302,12 +302,15 @@ def test_toy_world_is_tokenized_into_every_kind_and_its_sequences_pictured(tmp_p
         video = load_tokens(tmp_path / "tok" / f"{split}_video")
         assert video.meta["groups"] == [[16 * i, 16] for i in range(v)]
         assert natural_sequence(video, rng).shape == (16 * S,)
-        for ann in ("segmentation", "edges", "depth"):
+        for ann in (*toyworld.TASKS, "recoloured"):
             pairs = load_tokens(tmp_path / "tok" / f"{split}_{ann}")
             assert (pairs.meta["kind"], pairs.meta["annotation"], pairs.meta["num_images"]) == ("pairs", ann, 2 * n)
             assert generative_sequence(pairs, rng, n_pairs=2).shape == (4 * S,)
+        group = 2 * toyworld.GROUP[split]  # recoloured pairs: one group per palette
+        assert load_tokens(tmp_path / "tok" / f"{split}_recoloured").meta["groups"] == \
+            [[first, min(group, 2 * n - first)] for first in range(0, 2 * n, group)]
     assert load_tokens(tmp_path / "tok" / "train_segmentation").meta["palette"] == toyworld.PALETTE.tolist()
     td.main(["show", "--data", str(tmp_path / "tok"), "--names", "train_*", "--vqgan", str(ckpt),
              "--out", str(tmp_path / "seq.png"), "--n_images", "4", "--device", "cpu"])
-    # rows: images (single, random), video (natural), 3 pair files (discriminative, generative)
-    assert Image.open(tmp_path / "seq.png").size[1] == 9 * (2 * 32 + 2)
+    # rows: images (single, random), video (natural), 6 pair files (discriminative, generative)
+    assert Image.open(tmp_path / "seq.png").size[1] == 15 * (2 * 32 + 2)

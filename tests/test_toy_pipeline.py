@@ -29,3 +29,17 @@ def test_quick_pipeline_produces_tables_pictures_and_a_better_sequence_model(tmp
     # an interrupted or repeated run resumes: every step is found done and only evaluation runs again
     rerun = run_script([sys.executable, "run_toy.py", "--quick", "--out", str(out)], cwd=ROOT).stdout
     assert rerun.count("done already") == 5
+    # the studies reuse what the demo trained; each writes its table and pictures, and --docs copies them
+    docs = tmp_path / "docs"
+    for study, picture in (("sampling", "toy_sampling.png"), ("long-video", "toy_long_video_frames.png"),
+                           ("mapping", "toy_mapping_curve.png")):
+        printed = run_script([sys.executable, "run_toy.py", "--quick", "--out", str(out), "--ablation", study,
+                              "--docs", str(docs)], cwd=ROOT).stdout
+        assert "done already" in printed and (docs / picture).stat().st_size > 0
+        assert (docs / f"toy_results-{study}.md").read_text() == (out / f"results-{study}.md").read_text()
+    tables = {s: (out / f"results-{s}.md").read_text() for s in ("sampling", "long-video", "mapping")}
+    assert "| temperature | 0.1 | 0.4 | 0.7 | 1.0 |" in tables["sampling"]
+    assert "continued from 5 frames to 64" in tables["long-video"]
+    assert "| prompt pairs | 1 | 2 | 4 | 7 |" in tables["mapping"]
+    mapping = json.loads((out / "results-mapping.json").read_text())["results"]
+    assert len(mapping["learning"]["miou"]) == 4 and mapping["learning"]["oracle"] > 50

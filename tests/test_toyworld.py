@@ -1,5 +1,5 @@
 """The toy world: deterministic, laid out for tokenize_data's generic readers, annotations consistent with the
-pictures, classes readable from the hue, shapes on the grid, videos that pan by half a token cell per frame."""
+pictures, classes readable from the hue, shapes on the grid, videos whose shapes move whole cells, palettes held out."""
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +42,7 @@ def test_command_line_writes_train_and_val_splits(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for split, n in (("train", 3), ("val", 2)):
-        for kind in ("images", "segmentation", "edges", "depth"):
+        for kind in ("images", "segmentation", "edges", "depth", "masked", "grey", "recoloured"):
             assert len(list((out / split / kind).glob("*.png"))) == n
         assert len(list((out / split / "videos" / "0000").glob("*.png"))) == toyworld.DEFAULTS["frames"]
     assert _png(out / "val/images/00001.png").shape == (32, 32, 3)
@@ -53,8 +53,8 @@ def test_generic_readers_find_every_image_video_and_pair(world):
         assert [u[0] for u in tokenize_data.list_images([str(world / split / "images")])] == ["image"] * n
         assert [(u[0], len(u[2])) for u in tokenize_data.list_videos([str(world / split / "videos")])] == \
             [("frames", SMALL["frames"])] * v
-        for ann in ("segmentation", "edges", "depth"):
-            pairs = tokenize_data.list_pairs(str(world / split / "images"), str(world / split / ann))
+        for query, answer in toyworld.TASKS.values():
+            pairs = tokenize_data.list_pairs(str(world / split / query), str(world / split / answer))
             assert [u[0] for u in pairs] == ["pair"] * n
     assert (world / "val/images/00000.png").read_bytes() != (world / "train/images/00000.png").read_bytes()
 
@@ -99,12 +99,46 @@ def test_shapes_sit_inside_the_picture_on_the_grid():
             assert 0 <= s["x"] <= 32 - s["side"] and 0 <= s["y"] <= 32 - s["side"]
 
 
-def test_videos_pan_half_a_cell_per_frame_and_never_repeat_a_frame(world):
+def test_inpainting_and_colorization_queries_are_the_picture_masked_or_grey(world):
+    for i in range(SMALL["num_images"]):
+        image, masked, grey = (_png(world / "train" / k / f"{i:05d}.png").astype(int)
+                               for k in ("images", "masked", "grey"))
+        hole = (masked != image).any(-1)
+        ys, xs = np.nonzero(hole)
+        assert len(ys) and not masked[hole].any(), "only a black square differs"
+        assert ys.max() - ys.min() < toyworld.MASK and xs.max() - xs.min() < toyworld.MASK
+        assert (grey[..., :1] == grey).all()
+        assert np.abs(grey[..., 0] - image @ np.array([0.299, 0.587, 0.114])).max() <= 0.5
+
+
+def test_recoloured_maps_share_a_palette_per_group_and_val_palettes_are_never_trained():
+    train, val = ({tuple(p) for p in toyworld.palettes(s)} for s in ("train", "val"))
+    assert len(train) == 120 - toyworld.HELD_OUT and len(val) == toyworld.HELD_OUT and not train & val
+    rng = np.random.default_rng(0)
+    for palette in toyworld.palettes("val")[:5]:
+        out = toyworld.make_image(rng, 32, palette)
+        classes = (out["segmentation"][..., None, :] == toyworld.PALETTE).all(-1).argmax(-1)
+        colours = np.concatenate([[[0, 0, 0]], toyworld.MAP_COLOURS[palette]])
+        assert np.array_equal(out["recoloured"], colours[classes])
+
+
+def test_recoloured_pairs_are_tokenized_one_group_per_palette(world, tmp_path):
+    jobs = {name: info for _, _, name, _, info in tokenize_data.toyworld_jobs(world)}
+    assert jobs["train_recoloured"]["pairs_per_group"] == toyworld.GROUP["train"]
+    assert {"train_inpainting", "val_colorization"} <= set(jobs) and "pairs_per_group" not in jobs["train_edges"]
+    (tmp_path / "x.tokens.partial").write_bytes(b"")
+    meta = tokenize_data._finish(tmp_path / "x", dict(kind="pairs", pairs_per_group=2), 10, [], [])
+    assert meta["groups"] == [[0, 4], [4, 4], [8, 2]]
+
+
+def test_video_shapes_move_one_cell_a_frame_so_later_cells_were_shown_before(world):
     for v in range(SMALL["num_videos"]):
         frames = np.stack([_png(p) for p in sorted((world / "train/videos" / f"{v:04d}").glob("*.png"))])
         assert len(frames) == SMALL["frames"]
-        shift = toyworld.PAN
-        for a, b in zip(frames[:-1], frames[1:]):  # the camera moves right: the scene moves left by PAN px
-            assert np.array_equal(b[:, :-shift], a[:, shift:])
-        flat = frames.reshape(len(frames), -1)
-        assert len({f.tobytes() for f in flat}) == len(frames), "no frame equals another"
+        for a, b in zip(frames[:-1], frames[1:]):
+            assert not np.array_equal(a, b), "something moves every frame"
+    video = toyworld.make_video(np.random.default_rng(1), 32, 16)
+    cells = video.reshape(16, 4, 8, 4, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(16, 16, -1)
+    seen = {c.tobytes() for c in cells[:5].reshape(-1, cells.shape[-1])}
+    assert np.mean([c.tobytes() in seen for c in cells[5:].reshape(-1, cells.shape[-1])]) > 0.9
+    assert np.array_equal(video[12], video[0]), "the motion repeats every 12 frames"
