@@ -286,7 +286,8 @@ def save_plot(x_labels, series, path, xlabel, width=420, height=260, y_range=(0,
     for k in range(6):
         v = low + (high - low) * k / 5
         draw.line([(left, y_of(v)), (right, y_of(v))], fill=(225, 225, 225))
-        draw.text((left - 40, y_of(v) - 6), f"{v:.0f}{unit}", fill="black")
+        digits = 0 if high - low >= 10 else 1 if high - low >= 1 else 2
+        draw.text((left - 40, y_of(v) - 6), f"{v:.{digits}f}{unit}", fill="black")
     for i, label in enumerate(x_labels):
         draw.text((x_of(i) - 3, bottom + 6), str(label), fill="black")
     draw.text(((left + right) // 2 - 40, height - 18), xlabel, fill="black")
@@ -306,12 +307,15 @@ def save_plot(x_labels, series, path, xlabel, width=420, height=260, y_range=(0,
     return str(path)
 
 
-def save_panels(paths, path):
-    """Paste PNGs (plots) side by side into one picture. Returns the path as a string."""
+def save_panels(paths, path, columns=None):
+    """Paste PNGs (plots) into one picture, `columns` per row (default: all in one row). Returns the
+    path as a string."""
     panels = [Image.open(p).convert("RGB") for p in paths]
-    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)),
-                       "white")
+    columns = columns or len(panels)
+    width, height = max(p.width for p in panels), max(p.height for p in panels)
+    rows = math.ceil(len(panels) / columns)
+    canvas = Image.new("RGB", (columns * width, rows * height), "white")
     for k, panel in enumerate(panels):
-        canvas.paste(panel, (sum(p.width for p in panels[:k]), 0))
+        canvas.paste(panel, (k % columns * width, k // columns * height))
     canvas.save(path)
     return str(path)

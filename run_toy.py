@@ -42,8 +42,8 @@ import vqgan
 from checkpoint import load_model
 
 # Budgets in steps, not minutes, so runs are repeatable. "cpu" fits 15 minutes on the slower 2-core
-# machines (about 7 on the faster ones); "gpu" is meant for 10 minutes on one H100.
-# the recipe's stage-2 mixture: half videos, half "image, annotation" pairs of the three tasks
+# machines (about 6.5 on the faster ones); "gpu" is meant for 10 minutes on one H100.
+# the recipe's stage-2 mixture: half videos, half "image, annotation" pairs of the five tasks
 RECIPE_MIX = "natural:1,discriminative:1"
 PROFILES = {
     "cpu": dict(device="cpu", size="tiny",
@@ -303,8 +303,8 @@ def main():
 
 
 def publish(out, ablation, text, record, pictures, docs=None, summary=None):
-    """OUT/results[-ABLATION].md and .json; with docs, the table and pictures also go there as
-    toy_results[-ABLATION].md and toy_NAME.png."""
+    """OUT/results[-ABLATION].md and .json; with docs, they and the pictures also go there as
+    toy_results[-ABLATION].md, .json and toy_NAME.png."""
     name = f"results{'-' + ablation if ablation else ''}"
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str))
@@ -314,7 +314,8 @@ def publish(out, ablation, text, record, pictures, docs=None, summary=None):
         print(f"picture: {picture}")
     if docs:
         Path(docs).mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / f"{name}.md", Path(docs) / f"toy_{name}.md")
+        for suffix in (".md", ".json"):
+            shutil.copy(out / f"{name}{suffix}", Path(docs) / f"toy_{name}{suffix}")
         for picture in map(Path, filter(None, pictures)):
             # segmentation_toy.png -> toy_segmentation.png, generation_toy_segmentation.png ->
             # toy_generation.png

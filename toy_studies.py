@@ -88,12 +88,16 @@ def sampling(out, p, demo, _toy):
                                   miou=segmentation["miou"])
             table.setdefault(knob, []).append(cache[key])
     plots, lines = [], ["### Figure 6 in miniature: sampling and prompts", ""]
+    top = max(x["fid"] for r in table.values() for x in r)
+    for row in ("miou", "fid"):  # the paper's figure: a panel per knob; here mIoU above, FID* below
+        for knob, values in sweeps.items():
+            label = {"miou": "segmentation mIoU (%)", "fid": "seg.->image FID* (lower is better)"}
+            plots.append(save_plot(values, {label[row]: [x[row] for x in table[knob]]},
+                                   out / f"sampling_{row}_{knob}.png", knob, 360, title=knob,
+                                   **({} if row == "miou" else
+                                      dict(y_range=(0, max(1.0, 1.2 * top)), unit=""))))
     for knob, values in sweeps.items():
         r = table[knob]
-        plots.append(save_plot(values, {"seg. mIoU (%)": [x["miou"] for x in r],
-                                        "seg.->image FID*": [x["fid"] for x in r],
-                                        "seg.->image PSNR (dB)": [x["psnr"] for x in r]},
-                               out / f"sampling_{knob}.png", knob, 420, title=knob, unit=""))
         cells = lambda key, d: " | ".join(f"{x[key]:.{d}f}" for x in r)
         lines += [f"| {knob} | " + " | ".join(map(str, values)) + " |",
                   "|---" * (len(values) + 1) + "|",
@@ -103,7 +107,7 @@ def sampling(out, p, demo, _toy):
     text = "\n".join(lines) + (
         f"\n{p['queries']} held-out queries per point, the other two knobs at temperature 1, "
         "top-k 100, one prompt pair. *FID with a small random feature network: compare points.\n")
-    return text, table, [save_panels(plots, out / "sampling.png")]
+    return text, table, [save_panels(plots, out / "sampling.png", columns=3)]
 
 
 def long_video(out, p, demo, toy):
