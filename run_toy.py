@@ -102,9 +102,10 @@ def flags(settings):
 
 
 def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_tag="",
-                 stage2_steps=None, size=None, stage1_steps=None, pairs=TASKS):
+                 stage2_steps=None, size=None, stage1_steps=None, pairs=TASKS, stage2_init=None):
     """Toy world, tokenizer, tokens (shared by every variant), then stage 1 and stage 2 of one
-    variant (its own size, stage-1 steps, stage-2 steps, mixture, pair files)."""
+    variant (its own size, stage-1 steps, stage-2 steps, mixture, pair files; stage 2 starts from
+    its stage 1, or from stage2_init)."""
     py, world, vq, tok = sys.executable, out / "world", out / "vqgan", out / "tokens"
     # redone if cut
     run([py, "toyworld.py", "--out", str(world), "--seed", "0"] + flags(p["world"]), world)
@@ -134,7 +135,8 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
     names = ("video",) + tuple(pairs) + ("images",)
     seq_data = ",".join(f"{tok}/train_{n}" for n in names)
     val_data = ",".join(f"{tok}/val_{n}" for n in names)
-    run([py, "finetune.py", "--stage=finetune-toy", f"--init_from={s1}", f"--data={seq_data}",
+    run([py, "finetune.py", "--stage=finetune-toy", f"--init_from={stage2_init or s1}",
+         f"--data={seq_data}",
          f"--val_data={val_data}", f"--mix={mix or p['mix']}", f"--out_dir={s2}",
          f"--eval_interval={max(1, stage2['max_steps'] // 4)}", "--eval_iters=8",
          f"--micro_batch_size={stage2['batch_size']}"]

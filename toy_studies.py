@@ -148,11 +148,13 @@ def long_video(out, p, demo, toy):
 
 
 def mapping(out, p, demo, toy):
-    """In-context learning of a mapping only the prompt shows: stage 2 (from the demo's stage 1) on
-    videos and per-group palette segmentation, scored on held-out palettes with 1, 2, 4 and 7
+    """In-context learning of a mapping only the prompt shows: the demo's model fine-tuned further
+    on videos and per-group palette segmentation, scored on held-out palettes with 1, 2, 4 and 7
     prompt pairs, beside the demo model's recognition curve (a trained task)."""
+    # a further fine-tune of the demo's model: it already answers an image with its map, cell by
+    # cell; what it must learn here is to take the colours from the prompt
     learner = toy.train_models(out, p, stage2_tag="-mapping", stage2_steps=p["mapping_steps"],
-                           pairs=("recoloured",))[1]
+                               pairs=("recoloured",), stage2_init=demo)[1]
     vq, model = _models(out, p, learner)
     cfg = evaluate.EvalConfig(limit=min(200, 8 * p["queries"]), out=str(out / "eval_mapping"))
     learned = evaluate.eval_mapping(model, vq, out / "world", cfg)
@@ -182,9 +184,9 @@ def mapping(out, p, demo, toy):
         f"mIoU. Learning, 1 to {ks[four]} pairs: {learned['miou'][four] - learned['miou'][0]:+.1f} "
         f"points; at {ks[four]} pairs {100 * learned['miou'][four] / learned['oracle']:.0f}% of "
         f"the oracle. {learned['queries']} held-out queries, greedy answers (recognition: "
-        f"{recognition['queries']} queries, temperature 1, top-k 100). The learner's stage 2: "
-        f"{p['mapping_steps']} steps from the demo's stage 1, half videos, half recoloured pairs "
-        "of one palette group each.", ""])
+        f"{recognition['queries']} queries, temperature 1, top-k 100). The learner: the demo's "
+        f"model fine-tuned {p['mapping_steps']} more steps, half videos, half recoloured pairs of "
+        "one palette group each.", ""])
     return (text, dict(learning=learned, demo_model=untrained, recognition=recognition),
             [plot, learned["grid"]])
 
