@@ -286,10 +286,11 @@ def save_plot(x_labels, series, path, xlabel, width=420, height=260, y_range=(0,
     for k in range(6):
         v = low + (high - low) * k / 5
         draw.line([(left, y_of(v)), (right, y_of(v))], fill=(225, 225, 225))
-        digits = 0 if high - low >= 10 else 1 if high - low >= 1 else 2
+        digits = 0 if high - low >= 10 else 1 if high - low >= 1 else 2 if high - low >= 0.1 else 3
         draw.text((left - 40, y_of(v) - 6), f"{v:.{digits}f}{unit}", fill="black")
-    for i, label in enumerate(x_labels):
-        draw.text((x_of(i) - 3, bottom + 6), str(label), fill="black")
+    for i, label in enumerate(x_labels):  # kept inside the picture: the last one ends at the edge
+        x = min(x_of(i) - 3, width - 4 - draw.textlength(str(label)))
+        draw.text((x, bottom + 6), str(label), fill="black")
     draw.text(((left + right) // 2 - 40, height - 18), xlabel, fill="black")
     if title:
         draw.text((left, 4), title, fill="black")

@@ -95,7 +95,7 @@ def sampling(out, p, demo, toy):
     axes = {"miou": ("segmentation mIoU (%)", {}),
             "psnr": ("seg.->image PSNR (dB)", dict(y_range=(0, 30), unit="")),
             "fid": ("seg.->image FID* (lower is better)",
-                    dict(y_range=(0, max(1.0, 1.2 * top)), unit=""))}
+                    dict(y_range=(0, 1.2 * top or 1.0), unit=""))}
     for row, (label, axis) in axes.items():  # the paper's figure: a panel per knob, a row each
         for knob, values in sweeps.items():
             plots.append(save_plot(values, {label: [x[row] for x in table[knob]]},
@@ -107,7 +107,7 @@ def sampling(out, p, demo, toy):
         lines += [f"| {knob} | " + " | ".join(map(str, values)) + " |",
                   "|---" * (len(values) + 1) + "|",
                   f"| segmentation mIoU (%) ↑ | {cells('miou', 1)} |",
-                  f"| seg.→image FID* ↓ | {cells('fid', 1)} |",
+                  f"| seg.→image FID* ↓ | {cells('fid', 3)} |",
                   f"| seg.→image PSNR (dB) ↑ | {cells('psnr', 2)} |", ""]
     text = "\n".join(lines) + (
         f"\n{p['queries']} held-out queries per point, the other two knobs at temperature 1, "
