@@ -44,7 +44,7 @@ from features import I3D_FILE, INCEPTION_FILE, TinyExtractor, make_extractor
 from images import PALETTES, VIDEO_EXTS, annotation_luts, save_grid, save_plot
 from metrics import (colors_to_classes, confusion_matrix, feature_distance, inception_score,
                      labels_from_colours, miou_from_confusion, psnr, ssim)
-from sample import generate
+from sample import WHERE_MODELS_COME_FROM, generate
 from vqgan import codes_per_image, images_to_tokens, load_pretrained, tokens_to_images
 
 # -----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def toy_tasks(split_folder):
 
 def _paired(name, images, annotations, annotation):
     if name != "toy" and annotation != "segmentation":
-        raise ValueError(f"{name} has segmentation annotations only, not {annotation!r}")
+        raise LayoutError(f"{name} has segmentation annotations only, not {annotation!r}")
     units = [u for u in tokenize_data.list_pairs(str(images), str(annotations)) if u[0] == "pair"]
     if not units:
         raise FileNotFoundError(f"no image in {images} has an annotation with the same name in "
@@ -721,12 +721,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Run the paper's in-context evaluation protocols on a "
                                 "dataset folder and write Markdown tables (the paper's layout), "
                                 "results.json and PNG grids.")
-    p.add_argument("protocol",
+    p.add_argument("protocol", nargs="?",
                    choices=["video", "generation", "segmentation", "tasks", "curve", "perplexity",
                             "all"],
                    help="tasks, curve: the toy world's task-choice and 0-7 prompt-pair checks; "
                    "all: every protocol the data supports (the toy world has them all)")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="ckpt.pt from training, or a Hugging Face LLaMA directory")
     p.add_argument("--vqgan",
                    help="VQ-GAN checkpoint directory (vqgan.load_pretrained); all but perplexity")
@@ -759,6 +759,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="model weights (default: bf16 on GPU)")
     args = p.parse_args(argv)
+    if not (args.protocol and args.model):
+        p.error("pass a protocol (e.g. segmentation, or all), --model, and --vqgan and --data (the "
+                f"toy world's: out/toy/world) for all but perplexity: {WHERE_MODELS_COME_FROM}")
     if args.protocol != "perplexity" and not (args.vqgan and args.data):
         p.error(f"{args.protocol} needs --vqgan and --data")
     if args.protocol == "perplexity" and not args.tokens:

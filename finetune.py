@@ -154,7 +154,8 @@ def load_stage1(path, size=""):
     if not path:
         raise TrainingError("stage 2 starts from stage-1 weights: pass --init_from=out/pretrain (a "
                             "ckpt.pt of pretrain.py, or its directory) or a Hugging Face LLaMA "
-                            "directory")
+                            "directory; `python pretrain.py --data=...` makes one, or try the toy "
+                            "world first: `python run_toy.py`")
     try:
         model = load_model(path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:

@@ -177,14 +177,20 @@ def sample_images(model, vqgan, prompt_images, num_new_images, num_samples=1, te
 # command line
 
 
+WHERE_MODELS_COME_FROM = (
+    "a trained model (finetune.py's ckpt.pt or out_dir, or a Hugging Face LLaMA directory such as "
+    "LVM's released 7B) and its VQ-GAN directory; `python run_toy.py` trains both on the toy world "
+    "(then --model out/toy/stage2 --vqgan out/toy/vqgan)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate images from an LVM-Lite model: analogies, "
                                 "video continuation or unconditional images. Writes a PNG grid "
                                 "and the generated images.")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="ckpt.pt from pretrain.py (or its folder), or a Hugging Face "
                    "LLaMA directory (e.g. LVM's 7B)")
-    p.add_argument("--vqgan", required=True,
+    p.add_argument("--vqgan",
                    help="VQ-GAN checkpoint directory or hub id (vqgan.load_pretrained)")
     mode = p.add_argument_group("what to generate (choose one)")
     mode.add_argument("--prompt", nargs="+", default=[], metavar="IMG",
@@ -216,6 +222,8 @@ def parse_args(argv=None):
     p.add_argument("--fps", type=float, default=4, help="frames per second of the video GIF")
     p.add_argument("--out_dir", default="out/samples", help="where grid.png and the images go")
     args = p.parse_args(argv)
+    if not (args.model and args.vqgan):
+        p.error(f"pass --model and --vqgan: {WHERE_MODELS_COME_FROM}")
     modes = sum([args.query is not None, args.frames is not None, args.unconditional])
     if modes != 1:
         p.error("choose exactly one of --query (with optional --prompt pairs), --frames or "

@@ -11,7 +11,7 @@ import sample
 import vqgan
 from bench import sample as bench_sample
 from checkpoint import load_model, save_hf
-from images import save_grid
+from images import load_image, save_grid, to_uint8
 from model import ModelArgs, Transformer
 from sample import generate, sample_images, sample_next, window_start
 from vqgan import images_to_tokens, tokens_to_images
@@ -212,7 +212,65 @@ def toy(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(3):  # non-square, off-size inputs: resized and centre-cropped to 32x32
         Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    for i in range(5):  # pictures the random VQ-GAN gives tokens of their own: a prompt's order can be read back
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"pic{i}.png")
     return root
+
+
+def tokens_of(toy, files):
+    """[n, 16]: the tokens of image files, each image's its own (else the tests could not tell them apart)."""
+    tokens = images_to_tokens(vqgan.load_pretrained(toy / "vqgan", device="cpu"),
+                              torch.stack([load_image(f, 32) for f in files]))
+    assert len(set(map(tuple, tokens.tolist()))) == len(files)
+    return tokens
+
+
+def recording_generate(monkeypatch):
+    """sample.generate, recording each call's (prompt, returned sequence)."""
+    calls, generate = [], sample.generate
+
+    def recorded(model, prompt, *args, **kwargs):
+        seq = generate(model, prompt, *args, **kwargs)
+        calls.append((prompt.cpu().clone(), seq.cpu().clone()))
+        return seq
+
+    monkeypatch.setattr(sample, "generate", recorded)
+    return calls
+
+
+def recording_model_inputs(monkeypatch):
+    """The model the command line loads, recording the (tokens, positions) of each of its forward calls."""
+    calls, load = [], sample.load_model
+
+    def load_recorded(*args, **kwargs):
+        model = load(*args, **kwargs)
+        forward = model.forward
+        model.forward = lambda idx, targets=None, input_pos=None: calls.append(
+            (idx.cpu().clone(), input_pos.cpu().clone())) or forward(idx, targets, input_pos)
+        return model
+
+    monkeypatch.setattr(sample, "load_model", load_recorded)
+    return calls
+
+
+def replay_windows(fed, seq, prompt_len, S, context):
+    """Replay generation's forward calls against the sequence it returned, the call of step `cur` predicting token
+    cur: each time the window (re)starts, the model is fed the last whole images before cur that fit the context,
+    in order, at positions 0, 1, ...; in between, the last token alone at its place in the window. Returns how many
+    times the window (re)started."""
+    cur, start, starts = prompt_len, None, 0
+    for tokens, positions in fed:
+        if tokens.shape[1] > 1:  # the window (re)starts
+            start, starts = cur - tokens.shape[1], starts + 1
+            assert start % S == 0 and (start == 0 or cur - start + S > context)  # the most whole images that fit
+            assert torch.equal(positions, torch.arange(cur - start))
+            assert torch.equal(tokens, seq[:, start:cur])
+        else:
+            assert torch.equal(tokens, seq[:, cur - 1:cur]) and positions.tolist() == [cur - 1 - start]
+        assert cur - start <= context
+        cur += 1
+    assert cur == seq.shape[1]
+    return starts
 
 
 def write_video(path, n_frames):
@@ -276,20 +334,50 @@ def test_cli_analogy_writes_grid_and_generated_images(toy, tmp_path):
 @pytest.mark.decoder
 @pytest.mark.tokenizer
 @pytest.mark.inference
-def test_cli_video_continuation_slides_past_the_context_and_writes_gifs(toy, tmp_path):
+def test_cli_analogy_prompts_the_pairs_in_order_then_the_query_and_writes_what_follows(toy, tmp_path, monkeypatch):
+    calls = recording_generate(monkeypatch)
+    files = [toy / f"pic{i}.png" for i in range(5)]  # A1 B1 A2 B2, then the query
+    sample.main(["--model", str(toy / "hf"), "--vqgan", str(toy / "vqgan"), "--prompt", *map(str, files[:4]),
+                 "--query", str(files[4]), "--num_samples", "2", "--out_dir", str(tmp_path)])
+    (prompt, seq), = calls
+    assert torch.equal(prompt, tokens_of(toy, files).view(1, -1).expand(2, -1))
+    # each sample's image is the tokens that follow the prompt, decoded
+    decoded = tokens_to_images(vqgan.load_pretrained(toy / "vqgan", device="cpu"), seq[:, 80:], 16)
+    assert seq.shape == (2, 96)
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"sample{i:02d}_00.png")), to_uint8(decoded[i, 0]))
+
+
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
+def test_cli_video_file_continuation_writes_the_new_frames_and_a_gif(toy, tmp_path):
     write_video(tmp_path / "clip.mp4", 8)
-    out = tmp_path / "out"
     sample.main(["--model", str(toy / "ckpt.pt"), "--vqgan", str(toy / "vqgan"), "--frames",
-                 str(tmp_path / "clip.mp4"), "--num_frames", "5", "--num_new", "3", "--out_dir", str(out)])
-    assert len(list(out.glob("sample00_*.png"))) == 3  # 5 + 3 frames of 16 tokens > 64-token context
-    assert Image.open(out / "sample00.gif").n_frames == 8
+                 str(tmp_path / "clip.mp4"), "--num_frames", "5", "--num_new", "3", "--out_dir", str(tmp_path)])
+    assert len(list(tmp_path.glob("sample00_*.png"))) == 3
+    assert Image.open(tmp_path / "sample00.gif").n_frames == 8  # the 5 prompt frames, then the 3 new
+
+
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.inference
+def test_cli_video_continuation_prompts_the_frames_in_time_order_and_slides_by_whole_frames(toy, tmp_path,
+                                                                                           monkeypatch):
+    """5 frames of 16 tokens and 3 new ones, a 64-token context: from the prompt on, the model always sees the last
+    whole frames that fit, in time order, from position 0."""
     frames = tmp_path / "frames"
     frames.mkdir()
-    for i in range(4):
-        Image.open(toy / f"img{i % 3}.png").save(frames / f"{i:03d}.png")
+    for t in range(5):  # written last frame first: the time order is the names' order
+        Image.open(toy / f"pic{4 - t}.png").save(frames / f"{4 - t:02d}.png")
+    calls, fed = recording_generate(monkeypatch), recording_model_inputs(monkeypatch)
     sample.main(["--model", str(toy / "ckpt.pt"), "--vqgan", str(toy / "vqgan"), "--frames", str(frames),
-                 "--num_new", "1", "--out_dir", str(out / "folder")])
-    assert Image.open(out / "folder" / "sample00.gif").n_frames == 5
+                 "--num_new", "3", "--out_dir", str(tmp_path / "out")])
+    (prompt, seq), = calls
+    assert torch.equal(prompt[0], tokens_of(toy, [toy / f"pic{t}.png" for t in range(5)]).view(-1))
+    assert seq.shape == (1, 128)
+    assert replay_windows(fed, seq, 80, 16, 64) == 4  # at tokens 80 (the prompt), 81, 97 and 113
+    assert Image.open(tmp_path / "out" / "sample00.gif").n_frames == 8
 
 
 @pytest.mark.decoder
@@ -311,12 +399,15 @@ def test_cli_rejects_bad_input_with_one_line(toy, tmp_path, capsys):
         sample.main(["--model", str(tmp_path / "nope"), "--vqgan", str(toy / "vqgan"), "--unconditional"])
 
 
-@pytest.mark.fast
-def test_sampling_benchmark_reports_both_loops_the_floor_and_a_profile(capsys):
+@pytest.mark.decoder
+@pytest.mark.inference
+def test_sampling_benchmark_agrees_with_transformers_and_reports_speed_floor_and_profile(capsys):
+    """The eager loop only: the compiled one reports through the same lines, and equals the eager one token for
+    token (test_compiled_generation_equals_eager_for_each_model_and_shape)."""
     bench_sample.main(["--dim=32", "--n_layers=1", "--vocab_size=64", "--prompt_len=8", "--new=8", "--repeats=1",
-                       "--compile", "--profile"])
+                       "--profile"])
     out = capsys.readouterr().out
     assert "greedy agreement with transformers over 32 tokens: 100.0%" in out
-    for line in ("ours (compiled) / transformers:", "floor: the step's matrix products alone take", "compiled as our step",
-                 "ours (compiled), one generate call under the profiler"):
+    for line in ("ours (eager)  ", "ours (eager) / transformers:", "floor: the step's matrix products alone take",
+                 "ours (eager), one generate call under the profiler"):
         assert line in out
