@@ -1,7 +1,8 @@
 """
 Checkpoints: the one way from a file to a model, and the two ways back.
 
-    model = load_model("out/finetune")          # a ckpt.pt of our training (or its folder)
+    model = load_model("out/finetune")          # a ckpt.pt of our training, a sharded one
+                                                # (sharded_checkpoint.py), or their out_dir
     model = load_model("LVM_ckpts/7b")          # a Hugging Face LlamaForCausalLM directory: LVM's
     7B,
                                                 # DeLVM's 300M / 1B, or our own export
@@ -10,8 +11,10 @@ Checkpoints: the one way from a file to a model, and the two ways back.
 
 A training checkpoint (ckpt.pt) is a dict of tensors and plain values, loaded with weights_only (a
 checkpoint must never run code): model (the state dict), model_args (ModelArgs as a dict), and for
-resuming optimizer, step, data_position, config and rng. Errors are FileNotFoundError (nothing
-there) or ValueError (something there, but not a checkpoint of this model), each one line.
+resuming optimizer, step, data_position, config and rng (every rank's). Runs whose weights are
+split over devices write sharded checkpoints instead, a folder of shards (sharded_checkpoint.py).
+Errors are FileNotFoundError (nothing there) or ValueError (something there, but not a checkpoint
+of this model), each one line.
 """
 import json
 import os
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import sharded_checkpoint
 from model import ModelArgs, Transformer
 
 # (Hugging Face name, our name); "{}" is the layer index. HF gate/up/down = our w1/w3/w2
@@ -42,16 +46,19 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def load_model(path, device="cpu", dtype=None):
-    """An eval-mode Transformer from a training checkpoint (a ckpt.pt, or a folder holding one) or a
-    Hugging Face LLaMA directory (config.json + safetensors or pytorch_model.bin, one file or
-    shards). dtype: cast the weights (default: as stored)."""
+    """An eval-mode Transformer from a training checkpoint (a ckpt.pt, a sharded checkpoint's
+    folder, or the out_dir holding either) or a Hugging Face LLaMA directory (config.json +
+    safetensors or pytorch_model.bin, one file or shards). dtype: cast the weights (default: as
+    stored)."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists():
         args, state = _read_hf(path)
     else:
         ckpt = load_checkpoint(path, keys=("model", "model_args"))
         args, state = ModelArgs(**ckpt["model_args"]), {}
-        for name, tensor in ckpt["model"].items():
+        weights = (sharded_checkpoint.load_weights(ckpt["shards"], args) if "shards" in ckpt
+                   else ckpt["model"])
+        for name, tensor in weights.items():
             while name.startswith(WRAPPER_PREFIXES):
                 name = name.split(".", 1)[1]
             state[name] = tensor
@@ -75,20 +82,35 @@ def model_from_state(args, state, device="cpu", dtype=None, source="the state di
     return model.eval()
 
 
-def load_checkpoint(path, keys=("model", "model_args", "optimizer", "step", "data_position")):
-    """The dict of a ckpt.pt (or of FOLDER/ckpt.pt), checked to hold `keys` (the defaults: what
-    resuming a training run needs)."""
+def find_checkpoint(path):
+    """The checkpoint `path` means: a ckpt.pt or a sharded checkpoint's folder itself; for a run's
+    out_dir, the newer of its ckpt.pt and the folder its `latest` file names (both are there only
+    when a run that changed kind stopped between writing the new one and removing the old)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.is_file():
+    if not path.is_dir() or sharded_checkpoint.is_sharded(path):
+        return path
+    found = [p for p in (path / "ckpt.pt", sharded_checkpoint.latest(path)) if p and p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else path / "ckpt.pt"
+
+
+def load_checkpoint(path, keys=("model", "model_args", "optimizer", "step", "data_position")):
+    """The dict of a training checkpoint (a path find_checkpoint takes), checked to hold `keys`
+    (the defaults: what resuming a training run needs). A sharded checkpoint's tensors stay on
+    disk: its dict holds "shards", the folder, in place of model and optimizer."""
+    path = find_checkpoint(path)
+    if sharded_checkpoint.is_sharded(path):
+        ckpt = sharded_checkpoint.read_meta(path)
+        keys = set(keys) - {"model", "optimizer"}
+    elif not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: pass a ckpt.pt written by pretrain.py "
                                 "or finetune.py (or its folder), or a Hugging Face LLaMA directory "
                                 "(config.json + weights)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                             f"{e})") from None
     missing = set(keys) - set(ckpt) if isinstance(ckpt, dict) else set(keys)
     if missing:
         raise ValueError(f"{path} is not a checkpoint of this project's training: it lacks "
@@ -101,10 +123,14 @@ def save_checkpoint(path, checkpoint):
     previous checkpoint intact (the rename is atomic)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: give back the space the part took
+        raise
     os.replace(tmp, path)
 
 

@@ -11,7 +11,8 @@ functions and otherwise never asks which of them it is on:
     step_fn = trace(step_fn, env)
     # numpy -> device tensors (XLA: sharded over the batch dimension)
     x = to_device(micro_batches, env)
-    # whole tensors on the host, for saving
+    # whole tensors on the main process, for a ckpt.pt (unless sharded(env): FSDP2 and SPMD runs
+    # write shards, sharded_checkpoint.py)
     model_state, optim_state = full_state(raw_model, optimizer, env)
 
 Under SPMD one process drives all the devices of its host: the mesh has a 'data' and an 'fsdp' axis,
@@ -103,8 +104,18 @@ def _setup_xla(xla_fsdp):
     if n % fsdp:
         raise ValueError(f"--xla_fsdp={fsdp} does not divide the {n} devices")
     mesh = xs.Mesh(np.arange(n), (n // fsdp, fsdp), ("data", "fsdp"))
+    if xr.process_count() > 1 and not dist.is_initialized():
+        # the hosts agree on sharded checkpoints (torch.distributed.checkpoint) over gloo
+        import torch_xla.distributed.xla_backend  # noqa: F401 (registers the xla:// rendezvous)
+        dist.init_process_group("gloo", init_method="xla://")
     return Env(torch_xla.device(), "xla", "spmd", xr.process_index(), xr.process_count(),
                local_devices=n // xr.process_count(), mesh=mesh)
+
+
+def sharded(env):
+    """Whether the weights are split over devices (FSDP2, XLA SPMD): checkpoints are then written
+    in shards, each process its own (sharded_checkpoint.py), rather than gathered."""
+    return env.parallel in ("fsdp", "spmd")
 
 
 def fsdp_partition_spec(shape, fsdp_size):
@@ -230,11 +241,17 @@ def _to_host(t, env):
     return t.detach().to("cpu", copy=True) if env.is_main else None
 
 
+def full_model_state(model, env):
+    """The model's weights as whole CPU tensors, on the main process (every process must call
+    it)."""
+    return {k: _to_host(v, env) for k, v in model.state_dict().items()}
+
+
 def full_state(model, optimizer, env):
     """The model's and optimizer's state as whole CPU tensors, identical whatever the device layout
     (so a run saved on a TPU pod resumes on one GPU). Every process must call it; only the main one
     gets the tensors."""
-    model_state = {k: _to_host(v, env) for k, v in model.state_dict().items()}
+    model_state = full_model_state(model, env)
     optim = optimizer.state_dict()
     state = {i: {k: _to_host(v, env) for k, v in s.items()} for i, s in optim["state"].items()}
     return model_state, {"state": state, "param_groups": optim["param_groups"]}
@@ -260,19 +277,30 @@ def load_optimizer_state(optimizer, state, env):
                                      fsdp_partition_spec(v.shape, env.mesh.mesh_shape[1]))
 
 
-def rng_state(env):
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(env.device) if env.device_type == "cuda" else None}
+def rng_states(env):
+    """Every rank's RNG state, in rank order (every process must call it)."""
+    state = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(env.device) if env.device_type == "cuda" else None}
+    if env.world_size == 1 or not dist.is_initialized():
+        return [state]
+    states = [None] * env.world_size
+    dist.all_gather_object(states, state)
+    return states
 
 
-def set_rng_state(state, env):
+def set_rng_state(states, env):
+    """This rank's state from rng_states(). A rank the saving run did not have takes rank 0's (all
+    ranks start from the same seed); checkpoints before per-rank states hold one dict."""
+    if isinstance(states, dict):
+        states = [states]
+    state = states[env.rank] if env.rank < len(states) else states[0]
     torch.set_rng_state(state["cpu"])
     if env.device_type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], env.device)
 
 
 def barrier(env):
-    if env.world_size > 1 and env.device_type != "xla":
+    if env.world_size > 1 and dist.is_initialized():
         dist.barrier()
 
 

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 import distributed
-from checkpoint import load_checkpoint, model_from_state, save_checkpoint, save_hf
+import sharded_checkpoint
+from checkpoint import (find_checkpoint, load_checkpoint, load_model, model_from_state,
+                        save_checkpoint, save_hf)
 from configs import MODEL_SIZES, STAGES, parse_settings
 from data import load_tokens
 from images import save_grid
@@ -58,8 +60,8 @@ SETTINGS = {
                         "too big to copy)"),
     "xla_fsdp": (0, "XLA: devices along the mesh's fsdp axis (0: all); the others form its data "
                     "axis"),
-    "resume": (False, "continue from out_dir/ckpt.pt: weights, optimizer, step, RNG and data "
-                      "position"),
+    "resume": (False, "continue from out_dir's checkpoint (ckpt.pt, or the sharded folder "
+                      "out_dir/latest names): weights, optimizer, step, RNG and data position"),
     "stop_at": (0, "end this run after this step (0: at max_steps), e.g. to fit a time limit; "
                    "--resume continues"),
     "export_hf": (True, "when max_steps is reached, write out_dir/hf in the Hugging Face LLaMA "
@@ -135,7 +137,10 @@ def open_token_files(prefixes, c, flag="--data"):
         datasets.append(data)
     if not datasets:
         raise TrainingError(f"no {flag} given: pass {flag}=PREFIX, token files PREFIX.tokens + "
-                            "PREFIX.json")
+                            "PREFIX.json, which `python tokenize_data.py images --input PHOTOS "
+                            "--vqgan VQ --out data/tok --name photos` makes from a folder of photos "
+                            "(VQ: LVM's released tokenizer; videos and pairs: its video and pairs "
+                            "commands), or start with the toy world: `python run_toy.py`")
     return datasets
 
 
@@ -177,22 +182,23 @@ def train(c, get_batch, get_eval_batch, init=None, probe=None):
     logged."""
     env, dtype = setup_device(c)
     out_dir = Path(c.out_dir)
-    ckpt_path, metrics_path = out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
+    metrics_path = out_dir / "metrics.jsonl"
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = resume_checkpoint(ckpt_path) if c.resume else None
+    ckpt = resume_checkpoint(out_dir) if c.resume else None
     args = model_args(c, ckpt, init)
     seq_len, accum, local_batch = batch_layout(c, args, env)
 
     torch.manual_seed(c.seed)  # the same initial weights in every process
     raw_model = Transformer(args)
-    if ckpt or init is not None:
-        raw_model.load_state_dict(ckpt["model"] if ckpt else init.state_dict())
+    start = ckpt.get("model") if ckpt else init.state_dict() if init is not None else None
+    if start is not None:  # whole weights, before they are split (a sharded checkpoint's: later)
+        raw_model.load_state_dict(start)
     model = distributed.wrap_model(raw_model, env, c.compile)
     optimizer = configure_optimizer(raw_model, c.lr, c.weight_decay, (c.beta1, c.beta2),
                                     env.device_type)
     # seen: the sequences all ranks have read, the position in the data streams
-    step, seen = resume(ckpt, optimizer, env, metrics_path) if ckpt else (0, 0)
+    step, seen = resume(ckpt, raw_model, optimizer, env, metrics_path) if ckpt else (0, 0)
     last_saved = step if ckpt else None
     autocast = distributed.autocast(env, dtype)
     step_fn, eval_fn = distributed.trace(train_step, env), distributed.trace(eval_step, env)
@@ -227,29 +233,28 @@ def train(c, get_batch, get_eval_batch, init=None, probe=None):
         if evaluating:
             record["val_loss"] = evaluate(model, eval_fn, get_eval_batch, autocast, c, env,
                                           args.vocab_size)
-        check_finite(record, ckpt_path, last_saved)
+        check_finite(record, out_dir, last_saved)
         whole = None  # a whole copy of the weights on the main process, for the probe and the grid
-        if evaluating:
-            model_state, optim_state = distributed.full_state(raw_model, optimizer, env)
-            if env.is_main and (probe or c.num_samples):
+        if evaluating and (probe or c.num_samples):
+            model_state = distributed.full_model_state(raw_model, env)  # every rank takes part
+            if env.is_main:
                 whole = model_from_state(args, model_state, sample_device(env))
             if whole is not None and probe:
                 record["in_context"] = probe(whole)
         log(record, metrics_path, env, c.max_steps)
         metrics.append(record)
         if evaluating:
+            save(raw_model, optimizer, out_dir, env, last_saved, model_args=asdict(args),
+                 step=step, data_position=seen, config=vars(c))
             if env.is_main:
-                save_checkpoint(ckpt_path, dict(
-                    model=model_state, optimizer=optim_state, model_args=asdict(args), step=step,
-                    data_position=seen, config=vars(c), rng=distributed.rng_state(env)))
                 vqgan = save_samples(whole, get_eval_batch, c, out_dir / f"samples_{step:06d}.png",
                                      vqgan)
             last_saved = step
             distributed.barrier(env)
         loss_sum, steps_since, t0 = 0.0, 0, time.time()  # evaluating, saving: not training time
 
-    if step >= c.max_steps and c.export_hf:
-        export_hf(raw_model, optimizer, args, out_dir, env)
+    if step >= c.max_steps and c.export_hf and env.is_main:
+        export_hf(out_dir)
     return metrics
 
 
@@ -268,9 +273,11 @@ def setup_device(c):
     return env, c.dtype if c.dtype != "auto" else ("float32" if cpu else "bfloat16")
 
 
-def resume_checkpoint(path):
+def resume_checkpoint(out_dir):
+    """out_dir's newest checkpoint: a ckpt.pt's whole dict, or a sharded one's small values (its
+    tensors are read by resume(), each process its part)."""
     try:
-        return load_checkpoint(path)
+        return load_checkpoint(out_dir)
     except (FileNotFoundError, ValueError) as e:
         raise TrainingError(f"{e} (--resume continues a run written to --out_dir)") from e
 
@@ -285,8 +292,8 @@ def model_args(c, ckpt, init):
     if wanted is not None and wanted != args:
         diff = ", ".join(f"{k}={v} (asked: {getattr(wanted, k)})"
                          for k, v in ckpt["model_args"].items() if getattr(wanted, k) != v)
-        raise TrainingError(f"{c.out_dir}/ckpt.pt holds a different model: {diff}; pass the --size "
-                            "it was trained with or another --out_dir")
+        raise TrainingError(f"the checkpoint in {c.out_dir} holds a different model: {diff}; pass "
+                            "the --size it was trained with or another --out_dir")
     return args
 
 
@@ -305,10 +312,16 @@ def batch_layout(c, args, env):
     return seq_len, c.batch_size // per_micro_step, c.batch_size // env.world_size
 
 
-def resume(ckpt, optimizer, env, metrics_path):
-    """Optimizer state and RNG from the checkpoint; metrics logged after it are dropped (they are
-    redone). Returns (step, data position)."""
-    distributed.load_optimizer_state(optimizer, ckpt["optimizer"], env)
+def resume(ckpt, raw_model, optimizer, env, metrics_path):
+    """Optimizer state and RNG from the checkpoint (and a sharded one's weights); metrics logged
+    after it are dropped (they are redone). Returns (step, data position)."""
+    if "shards" in ckpt:  # each process reads the part it holds, in whatever layout this run has
+        try:
+            sharded_checkpoint.load(ckpt["shards"], raw_model, optimizer, env)
+        except ValueError as e:
+            raise TrainingError(f"{e} (--resume continues a run written to --out_dir)") from e
+    else:  # whole tensors, split like the parameters
+        distributed.load_optimizer_state(optimizer, ckpt["optimizer"], env)
     distributed.set_rng_state(ckpt["rng"], env)
     if env.is_main and metrics_path.exists():
         kept = [line for line in metrics_path.read_text().splitlines()
@@ -351,14 +364,19 @@ def evaluate(model, eval_fn, get_eval_batch, autocast, c, env, vocab_size):
     return distributed.mean_over_ranks(total / c.eval_iters, env)
 
 
-def check_finite(record, ckpt_path, last_saved):
+def check_finite(record, out_dir, last_saved):
     if not all(math.isfinite(record[k]) for k in ("loss", "val_loss") if k in record):
-        kept = (f"the last good checkpoint {ckpt_path} (step {last_saved}) is untouched"
-                if last_saved else "no checkpoint was written")
         raise TrainingError(f"the loss became {record['loss']} (validation "
                             f"{record.get('val_loss')}) by step {record['step']}: training "
-                            f"diverged and stops here; {kept}. Lower --lr or --grad_clip, or "
-                            "lengthen --warmup_steps, then --resume")
+                            f"diverged and stops here; {last_good(out_dir, last_saved)}. Lower "
+                            "--lr or --grad_clip, or lengthen --warmup_steps, then --resume")
+
+
+def last_good(out_dir, last_saved):
+    """What a stopped run leaves to --resume from."""
+    if last_saved is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint {find_checkpoint(out_dir)} (step {last_saved}) is untouched"
 
 
 def log(record, path, env, max_steps):
@@ -376,6 +394,28 @@ def log(record, path, env, max_steps):
               + ", ".join(f"{k} pairs {v:.0f}%" for k, v in accuracy.items()))
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def save(raw_model, optimizer, out_dir, env, last_saved, **meta):
+    """This step's checkpoint (meta: step, data_position, model_args, config), of the kind the
+    layout calls for: shards written by every process where the weights are split (FSDP2, SPMD:
+    nothing is gathered), else one ckpt.pt written by the main process. Every process calls it. A
+    save that fails (a full disk) stops training with one line and leaves the previous checkpoint
+    as it was."""
+    try:
+        if distributed.sharded(env):
+            sharded_checkpoint.save(out_dir, raw_model, optimizer, meta, env)
+            return
+        model_state, optim_state = distributed.full_state(raw_model, optimizer, env)
+        rng = distributed.rng_states(env)
+        if env.is_main:
+            save_checkpoint(out_dir / "ckpt.pt", dict(model=model_state, optimizer=optim_state,
+                                                      rng=rng, **meta))
+            sharded_checkpoint.remove(out_dir)  # an earlier FSDP2 run's, now older than ckpt.pt
+    except OSError as e:
+        raise TrainingError(f"could not save the checkpoint of step {meta['step']} in {out_dir} "
+                            f"({type(e).__name__}: {e}); {last_good(out_dir, last_saved)}. Free "
+                            "disk space (or pass another --out_dir), then --resume") from e
 
 
 def sample_device(env):
@@ -424,10 +464,8 @@ def token_pictures(tokens, tokens_per_image, vocab_size):
     return pictures.permute(0, 1, 4, 2, 3)
 
 
-def export_hf(raw_model, optimizer, args, out_dir, env):
-    """At the end of training: the model in the Hugging Face LLaMA layout, in out_dir/hf."""
-    model_state, _ = distributed.full_state(raw_model, optimizer, env)  # every rank takes part
-    if env.is_main:
-        save_hf(model_from_state(args, model_state), out_dir / "hf")
-        print(f"exported the final model to {out_dir / 'hf'} (Hugging Face LlamaForCausalLM "
-              "layout)")
+def export_hf(out_dir):
+    """At the end of training: the final checkpoint's weights in the Hugging Face LLaMA layout, in
+    out_dir/hf. The main process reads them from disk, so a sharded run gathers nothing."""
+    save_hf(load_model(out_dir), out_dir / "hf")
+    print(f"exported the final model to {out_dir / 'hf'} (Hugging Face LlamaForCausalLM layout)")

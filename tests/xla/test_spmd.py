@@ -3,8 +3,9 @@
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 .venv-xla/bin/python -m pytest -q tests/xla -o addopts=""
 
 On a 2x2 (data, fsdp) mesh, train.train must give the losses of plain PyTorch on the CPU, with each parameter
-split over the fsdp axis, one compiled step reused every step, and checkpoints that save whole tensors and resume
-(on XLA or on the CPU)."""
+split over the fsdp axis, one compiled step reused every step, and sharded checkpoints (each device's shard,
+through torch_xla's planners) that resume on XLA or on the CPU."""
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch_xla.distributed.spmd as xs
 import distributed
 import pretrain
 import train
+from checkpoint import load_model
 from configs import MODEL_SIZES
 from model import ModelArgs, Transformer
 from train import configure_optimizer
@@ -114,16 +116,15 @@ def test_parameters_optimizer_state_and_batches_are_sharded():
     assert torch_xla._XLAC._get_xla_sharding_spec(tokens) == "{devices=[4,1]0,1,2,3}"  # 2 rows per device
 
 
-def test_checkpoint_saved_under_spmd_resumes_on_xla_and_on_cpu(tmp_path, cpu, xla):
-    first = run(settings(tmp_path, "--stop_at=3"))
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 3 and ckpt["model"]["layers.0.attention.wq.weight"].shape == (128, 128)
-    assert ckpt["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
-    saved_at_3 = (tmp_path / "ckpt.pt").read_bytes()
-    resumed = run(settings(tmp_path, "--resume"))
+def test_checkpoint_saved_under_spmd_is_sharded_and_resumes_on_xla_and_on_cpu(tmp_path, cpu, xla):
+    first = run(settings(tmp_path / "xla", "--stop_at=3"))
+    folder = tmp_path / "xla" / "ckpt-000003"  # torch_xla's planners: each device's shard, nothing gathered
+    assert (tmp_path / "xla" / "latest").read_text() == "ckpt-000003"
+    assert not (tmp_path / "xla" / "ckpt.pt").exists()
+    assert torch.load(folder / "meta.pt", weights_only=True)["step"] == 3
+    assert load_model(folder).layers[0].attention.wq.weight.shape == (128, 128)  # read whole on the host
+    shutil.copytree(tmp_path / "xla", tmp_path / "cpu")
+    resumed = run(settings(tmp_path / "xla", "--resume"))
     assert losses(first + resumed) == pytest.approx(losses(xla), abs=1e-6)
-    on_cpu = run(settings(tmp_path / "cpu", *ON_CPU, "--max_steps=6", "--stop_at=3"))  # the same first half...
-    ckpt_cpu = tmp_path / "cpu" / "ckpt.pt"
-    ckpt_cpu.write_bytes(saved_at_3)  # ...then continue from the XLA checkpoint on the CPU
-    resumed_cpu = run(settings(tmp_path / "cpu", *ON_CPU, "--resume"))
-    assert losses(on_cpu + resumed_cpu) == pytest.approx(losses(cpu), abs=1e-5)
+    resumed_cpu = run(settings(tmp_path / "cpu", *ON_CPU, "--resume"))  # the same checkpoint, on the CPU
+    assert losses(first + resumed_cpu) == pytest.approx(losses(cpu), abs=1e-5)
