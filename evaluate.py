@@ -763,7 +763,9 @@ def parse_args(argv=None):
         p.error("pass a protocol (e.g. segmentation, or all), --model, and --vqgan and --data (the "
                 f"toy world's: out/toy/world) for all but perplexity: {WHERE_MODELS_COME_FROM}")
     if args.protocol != "perplexity" and not (args.vqgan and args.data):
-        p.error(f"{args.protocol} needs --vqgan and --data")
+        p.error(f"{args.protocol} needs --vqgan and --data: a VQ-GAN directory and a dataset folder "
+                "(ADE20K, Cityscapes, UCF-101 or a toy world; `python run_toy.py` writes "
+                "out/toy/vqgan and out/toy/world)")
     if args.protocol == "perplexity" and not args.tokens:
         p.error("perplexity needs --tokens")
     return args

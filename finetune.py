@@ -51,6 +51,9 @@ SETTINGS = {
                       "LLaMA directory"),
     "mix": ("natural:1,generative:1,discriminative:1",
             "sequence kinds and their weights, e.g. natural:2,random:1"),
+    "probe_sequences": (16, "held-out pairs per pairs file that the in-context check answers at "
+                            "each evaluation (0: no check; it writes 5 answers to each, minutes "
+                            "on a CPU at full size)"),
 }
 
 SOURCES = {"natural": ("video",), "discriminative": ("pairs",), "generative": ("pairs",),
@@ -173,8 +176,9 @@ def main(argv=None):
         # --resume reads out_dir/ckpt.pt instead
         init = None if c.resume else load_stage1(c.init_from, c.size)
         datasets, val = train.open_train_and_val(c)
-        probe = (in_context_probe(val, c.seed) if c.images_per_seq >= 2 * max(IN_CONTEXT_PAIRS) + 2
-                 else None)
+        fits = c.images_per_seq >= 2 * max(IN_CONTEXT_PAIRS) + 2
+        probe = (in_context_probe(val, c.seed, c.probe_sequences)
+                 if fits and c.probe_sequences else None)
         train.train(c, sequence_mixture(datasets, mix, c.images_per_seq, c.seed),
                     sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"),
                     init, probe)
