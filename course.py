@@ -186,6 +186,11 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="list the assignments")
     p.add_argument("--check", metavar="NAME", choices=[*ASSIGNMENTS, "all"], help="check one assignment (or all)")
     a = p.parse_args(argv)
+    if a.check and (a.assignment or a.out):
+        p.error("--check NAME grades a copy of its own: give it no assignment and no --out")
+    if a.out and not a.assignment:
+        p.error("--out is the folder of a student copy: name its assignment, e.g. "
+                "python course.py data --out DIR")
     if a.list or not (a.assignment or a.check):
         for name, spec in ASSIGNMENTS.items():
             print(f"{name:10s} {spec['title']}\n{'':10s} {', '.join(spec['functions'])}")

@@ -63,6 +63,15 @@ PROFILES = {
                 mix=RECIPE_MIX,
                 queries=192, videos=100, ablation_stage2_steps=1000, num_samples=8,
                 scale_sizes=("tiny", "small", "small"), mapping_steps=6000, long_videos=100),
+    # the demo scaled down until it fits a CI run (about 2 minutes here) and still learns in
+    # context: the test that in-context learning beats its baselines runs it
+    "ci": dict(device="cpu", size="tiny",
+               world=dict(num_images=2000, num_val_images=60, num_videos=200,
+                          num_val_videos=16, frames=20),
+               vqgan=dict(max_steps=100, batch_size=16), stage1=dict(max_steps=100, batch_size=64),
+               stage2=dict(max_steps=800, batch_size=8), mix=RECIPE_MIX,
+               queries=32, videos=16, ablation_stage2_steps=100, num_samples=0,
+               scale_sizes=("micro", "tiny", "mini"), mapping_steps=100, long_videos=2),
     "quick": dict(device="cpu", size="tiny",
                   world=dict(num_images=300, num_val_images=40, num_videos=20,
                              num_val_videos=6, frames=20),
@@ -216,7 +225,7 @@ def pick_profile(a):
     return a.profile or ("gpu" if torch.cuda.is_available() else "cpu")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -228,12 +237,17 @@ def main():
                     help="Table 4, 5 or 6, Figure 6 or 12 in miniature, or the mapping probe")
     ap.add_argument("--docs", help="also copy the tables and pictures to this folder (e.g. docs)")
     ap.add_argument("--out", help="output folder (default out/toy, out/toy-quick or out/toy-gpu)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.quick and a.profile not in (None, "quick"):
+        ap.error(f"--quick is --profile quick; drop one of --quick and --profile {a.profile}")
     profile = pick_profile(a)
     p = PROFILES[profile]
     if p["device"] == "cuda" and not torch.cuda.is_available():
         ap.error("--profile gpu needs a CUDA GPU; use --profile cpu")
-    out = Path(a.out or {"cpu": "out/toy", "quick": "out/toy-quick", "gpu": "out/toy-gpu"}[profile])
+    out = Path(a.out or ("out/toy" if profile == "cpu" else f"out/toy-{profile}"))
+    for flag, folder in (("--out", out), ("--docs", a.docs)):  # checked before hours of work
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            ap.error(f"{flag} {folder} is a file; pass a folder")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if a.ablation in STUDIES:  # the studies of toy_studies.py, on the demo's models

@@ -306,7 +306,7 @@ def _finish(prefix, meta, rows, groups, skipped):
     """Write NAME.json, then move NAME.tokens.partial into place: each step atomic."""
     if meta["kind"] != "video":  # pairs: one group, or runs of pairs_per_group pairs
         step = 2 * meta["pairs_per_group"] if "pairs_per_group" in meta else rows
-        groups = [[first, min(step, rows - first)] for first in range(0, rows, step)]
+        groups = [[first, min(step, rows - first)] for first in range(0, rows, max(1, step))]
     meta = dict(meta, num_images=rows, groups=groups, skipped=skipped)
     Path(f"{prefix}.json.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(f"{prefix}.json.tmp", f"{prefix}.json")
@@ -333,6 +333,7 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
         Path(f"{prefix}.progress").unlink(missing_ok=True)
         print(f"{prefix}.tokens is up to date ({done['num_images']} images)")
         return done
+    new_folder = not prefix.parent.exists()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     progress, partial = Path(f"{prefix}.progress"), Path(f"{prefix}.tokens.partial")
     records = _read_progress(progress, fingerprint)
@@ -380,6 +381,14 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
             bar.update(len(counts))
             bar.set_postfix_str(f"{new_rows / (time.time() - t0):.0f} img/s", refresh=False)
     bar.close()
+    if rows == 0 and num_shards == 1:  # no input was readable: an error, not an empty file
+        progress.unlink()
+        partial.unlink()
+        if new_folder and not any(prefix.parent.iterdir()):
+            prefix.parent.rmdir()
+        bad = [s for r in records for s in r["skipped"]]
+        example = f", e.g. {bad[0]['path']}: {bad[0]['reason']}" if bad else ""
+        raise ValueError(f"none of the {len(units)} inputs of {name} could be read{example}")
     meta = dict(kind=kind, tokens_per_image=S, num_images=rows, image_size=opts["size"],
                 vocab_size=tokenizer["num_embeddings"], groups=[], **(info or {}), skipped=[],
                 tokenizer=tokenizer, fingerprint=fingerprint,
@@ -406,6 +415,11 @@ def merge(out, name):
         have = ", ".join(p.stem for p in parts)
         raise ValueError(f"need all {k} shards of one job to merge, found: {have}; finish the "
                          "missing shard runs")
+    unfinished = [p.stem for p, m in zip(parts, metas)
+                  if not _complete(p.with_suffix(""), m["fingerprint"])]
+    if unfinished:
+        raise ValueError(f"shards {', '.join(unfinished)} have no complete .tokens file: rerun "
+                         "them")
     prefix, rows, groups = Path(out) / name, 0, []
     with open(f"{prefix}.tokens.partial", "wb") as f:
         for p, m in zip(parts, metas):
@@ -429,6 +443,13 @@ def show(data_dir, model, out_png, names="*", per_kind=1, n_images=16, seed=0):
     from PIL import ImageDraw
     rng, labels, seqs = np.random.default_rng(seed), [], []
     files = {p.stem: load_tokens(p) for p in sorted(Path(data_dir).glob(f"{names}.json"))}
+    S = (model.config["resolution"] // model.downsample_factor) ** 2
+    for name, d in files.items():
+        if d.meta["tokens_per_image"] != S or d.meta["vocab_size"] > model.config["num_embeddings"]:
+            raise ValueError(f"{name} was tokenized by another VQ-GAN "
+                             f"({d.meta['tokens_per_image']} tokens per image of "
+                             f"{d.meta['vocab_size']} codes; this one: {S} of "
+                             f"{model.config['num_embeddings']}): pass its --vqgan")
     uses = dict(single="images", natural="video", discriminative="pairs", generative="pairs",
                 random="images")
     for kind, name in [(k, n) for k in uses for n, d in files.items() if d.meta["kind"] == uses[k]]:
@@ -489,6 +510,17 @@ def toyworld_jobs(root):
     return jobs
 
 
+def at_least(low):
+    """argparse type: an int >= low."""
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's word for a value that is not a number
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -502,14 +534,15 @@ def main(argv=None):
     tok.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     job = argparse.ArgumentParser(add_help=False, parents=[tok])
     job.add_argument("--out", default="data/tokens", help="output directory")
-    job.add_argument("--batch_size", type=int, default=128, help="images per VQ-GAN call")
-    job.add_argument("--num_workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
+    job.add_argument("--batch_size", type=at_least(1), default=128, help="images per VQ-GAN call")
+    job.add_argument("--num_workers", type=at_least(0),
+                     default=min(8, max(1, (os.cpu_count() or 2) - 1)),
                      help="decoding processes (0: decode in this process)")
-    job.add_argument("--num_shards", type=int, default=1,
+    job.add_argument("--num_shards", type=at_least(1), default=1,
                      help="split the inputs over this many runs (machines)")
-    job.add_argument("--shard_id", type=int, default=0,
+    job.add_argument("--shard_id", type=at_least(0), default=0,
                      help="this run's share; `merge` joins the shards")
-    job.add_argument("--block", type=int,
+    job.add_argument("--block", type=at_least(1),
                      help=f"inputs per commit (default {BLOCK}): a kill loses at most one")
     named = argparse.ArgumentParser(add_help=False, parents=[job])
     named.add_argument("--name", required=True, help="writes OUT/NAME.tokens and OUT/NAME.json")
@@ -520,8 +553,8 @@ def main(argv=None):
     s = sub.add_parser("video", parents=[named], help="video files (PyAV) and folders of frames")
     s.add_argument("--input", nargs="+", required=True,
                    help="video files, folders of them, folders of frames")
-    s.add_argument("--stride", type=int, default=1, help="keep every stride-th frame")
-    s.add_argument("--max_frames", type=int, default=256,
+    s.add_argument("--stride", type=at_least(1), default=1, help="keep every stride-th frame")
+    s.add_argument("--max_frames", type=at_least(1), default=256,
                    help="frames kept per video (after the stride)")
     s = sub.add_parser("pairs", parents=[named],
                        help="image and annotation folders matched by file stem")
@@ -544,15 +577,25 @@ def main(argv=None):
     s.add_argument("--data", required=True, help="directory of token files")
     s.add_argument("--names", default="*", help="glob of the dataset names to show, e.g. 'train_*'")
     s.add_argument("--out", required=True, help="PNG path")
-    s.add_argument("--per_kind", type=int, default=1, help="sequences per kind and file")
-    s.add_argument("--n_images", type=int, default=16, help="images per sequence")
+    s.add_argument("--per_kind", type=at_least(1), default=1, help="sequences per kind and file")
+    s.add_argument("--n_images", type=at_least(1), default=16, help="images per sequence")
     args = p.parse_args(argv)
+    if args.command != "show" and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file: give a folder for the token files")
 
     if args.command == "merge":
         print(f"{args.out}/{args.name}.tokens: {merge(args.out, args.name)['num_images']} images")
         return
     if not 0 <= getattr(args, "shard_id", 0) < getattr(args, "num_shards", 1):
         p.error("--shard_id must be in [0, --num_shards)")
+    if args.device:
+        import torch
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     jobs = []  # (kind, units, name, opts, info)
     if args.command == "toyworld":
         jobs = toyworld_jobs(args.root)
@@ -574,8 +617,9 @@ def main(argv=None):
                  {"annotation": args.annotation, "palette": palette,
                   "sources": [args.images, args.annotations]})]
     for _, units, name, _, info in jobs:
-        if not units:
-            raise ValueError(f"no inputs found for {name} in {', '.join(info['sources'])}")
+        if all(u[0] == "skip" for u in units):  # nothing to read: say why before loading the VQ-GAN
+            why = f" ({len(units)} skipped, e.g. {units[0][1]}: {units[0][2]})" if units else ""
+            raise ValueError(f"no inputs found for {name} in {', '.join(info['sources'])}{why}")
     model, tokenizer = load_tokenizer(args.vqgan, args.vqgan_config, args.seed, args.device)
     if args.command == "show":
         show(args.data, model, args.out, args.names, args.per_kind, args.n_images, args.seed)

@@ -295,6 +295,11 @@ def main(argv=None):
         p.add_argument(f"--{k}", type=int,
                        help=f"default {DEFAULTS[k]}" + (" (per video)" if k == "frames" else ""))
     args = p.parse_args(argv)
+    least = dict(workers=1, frames=1, num_images=0, num_val_images=0, num_videos=0,
+                 num_val_videos=0)
+    for k, low in least.items():
+        if getattr(args, k) is not None and getattr(args, k) < low:
+            p.error(f"--{k} must be at least {low}, got {getattr(args, k)}")
     if args.size is not None and args.size < 2 * max(SIDES):
         p.error(f"--size must be at least {2 * max(SIDES)} pixels (shapes are up to "
                 f"{max(SIDES)} px)")
