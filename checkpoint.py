@@ -49,11 +49,26 @@ def load_model(path, device="cpu", dtype=None):
     """An eval-mode Transformer from a training checkpoint (a ckpt.pt, a sharded checkpoint's
     folder, or the out_dir holding either) or a Hugging Face LLaMA directory (config.json +
     safetensors or pytorch_model.bin, one file or shards). dtype: cast the weights (default: as
-    stored)."""
-    path = Path(path)
+    stored); "auto": bfloat16 on a GPU, on a CPU the stored dtype, or bfloat16 for a float32
+    checkpoint too big for free memory (said in one line). A Hugging Face directory is checked
+    against free memory before it is read: a MemoryError of one line says what is needed and what
+    helps."""
+    path, device = Path(path), torch.device(device)
     if path.is_dir() and (path / "config.json").exists():
-        args, state = _read_hf(path)
+        args, stored = _hf_args_and_dtype(path)
+        if dtype == "auto":
+            dtype = auto_dtype(args, stored, device)
+        check_memory(args, dtype or stored, device)
+        try:
+            args, state = _read_hf(path, dtype)
+        except (MemoryError, RuntimeError) as e:  # failed anyway (a limit that is not RAM)
+            if not isinstance(e, MemoryError) and not re.search("alloc|mmap|memory", str(e)):
+                raise
+            raise MemoryError(f"out of memory while loading {path} ({str(e).splitlines()[0]}); "
+                              f"{MEMORY_HELP}") from None
     else:
+        if dtype == "auto":  # our checkpoints are float32: bfloat16 where it is fast
+            dtype = torch.bfloat16 if device.type != "cpu" else None
         ckpt = load_checkpoint(path, keys=("model", "model_args"))
         args, state = ModelArgs(**ckpt["model_args"]), {}
         weights = (sharded_checkpoint.load_weights(ckpt["shards"], args) if "shards" in ckpt
@@ -116,6 +131,56 @@ def load_checkpoint(path, keys=("model", "model_args", "optimizer", "step", "dat
         raise ValueError(f"{path} is not a checkpoint of this project's training: it lacks "
                          f"{sorted(missing)}")
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# memory: what a model needs against what is free, checked before loading (a 7B model in float32
+# needs 26 GB: on a 24 GB machine the kernel would kill the process without a word)
+
+MEMORY_HELP = ("pass --dtype bfloat16 (half of float32), run on a GPU (--device cuda), or use a "
+               "smaller model")
+
+
+def free_memory(device):
+    """Bytes free on the device: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        return kb * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_needed(args, dtype):
+    """Bytes of the weights in dtype plus the key/value cache of one full context."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    with torch.device("meta"):
+        params = Transformer(args).num_params()
+    head_dim = args.dim // args.n_heads
+    cache = 2 * args.n_layers * args.max_seq_len * args.n_kv_heads * head_dim
+    return (params + cache) * size
+
+
+def auto_dtype(args, stored, device):
+    """bfloat16 on a GPU; on a CPU the stored dtype, unless float32 would not fit in free memory."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    if stored == torch.float32 and memory_needed(args, stored) > free_memory(device):
+        print(f"note: the float32 weights need {memory_needed(args, stored) / 2**30:.1f} GB, more "
+              f"than the {free_memory(device) / 2**30:.1f} GB free: loading them in bfloat16")
+        return torch.bfloat16
+    return stored
+
+
+def check_memory(args, dtype, device):
+    need, free = memory_needed(args, dtype), free_memory(device)
+    if need > free:
+        name = str(dtype).removeprefix("torch.")
+        raise MemoryError(f"the model needs {need / 2**30:.1f} GB in {name} (weights and a full "
+                          f"key/value cache) but {free / 2**30:.1f} GB is free on {device.type}: "
+                          f"{MEMORY_HELP}")
 
 
 def save_checkpoint(path, checkpoint):
@@ -181,19 +246,42 @@ def _hf_weight_files(path):
     return files
 
 
-def _read_hf(path):
-    """(ModelArgs, our state dict) of a Hugging Face LLaMA directory."""
-    from safetensors.torch import load_file
+def _hf_config(path):
     cfg = json.loads((path / "config.json").read_text())
     try:
-        args = _args_from_hf_config(cfg)
+        return cfg, _args_from_hf_config(cfg)
     except KeyError as e:
         raise ValueError(f"{path}/config.json is not a LLaMA config: it lacks {e}") from None
+
+
+def _hf_args_and_dtype(path):
+    """(ModelArgs, the dtype the weights are stored in) without reading the weights: config.json's
+    torch_dtype, else the first tensor's header."""
+    cfg, args = _hf_config(path)
+    name = cfg.get("torch_dtype") or cfg.get("dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return args, getattr(torch, name)
+    first = _hf_weight_files(path)[0]
+    if first.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(str(path / first), "pt") as f:
+            stored = f.get_slice(next(iter(f.keys()))).get_dtype()  # e.g. "BF16", from the header
+        return args, {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+    return args, torch.float32
+
+
+def _read_hf(path, dtype=None):
+    """(ModelArgs, our state dict) of a Hugging Face LLaMA directory, each file's tensors cast to
+    dtype as they are read, so the peak is the model plus one file."""
+    from safetensors.torch import load_file
+    cfg, args = _hf_config(path)
     state = {}
     for file in _hf_weight_files(path):
         tensors = (load_file(str(path / file)) if file.endswith(".safetensors")
                    else torch.load(path / file, map_location="cpu", weights_only=True, mmap=True))
-        state.update({rename(k): v for k, v in tensors.items() if rename(k) is not None})
+        state.update({rename(k): v.to(dtype or v.dtype) for k, v in tensors.items()
+                      if rename(k) is not None})
+        del tensors
     if "output.weight" not in state and cfg.get("tie_word_embeddings"):
         state["output.weight"] = state["tok_embeddings.weight"]
     return args, state
@@ -208,14 +296,7 @@ def save_hf(model, path, dtype=None, max_shard_bytes=5 * 2**30):
     tensors = {rename(k, to_hf=True): v.detach().to(dtype or v.dtype).contiguous().cpu()
                for k, v in model.state_dict().items()}
     dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
-              "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
-              "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
-              "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
-              "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
-              "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-              "torch_dtype": dtype_name, "initializer_range": a.init_std}
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "config.json").write_text(json.dumps(hf_config(a, dtype_name), indent=2))
     shards, size = [{}], 0  # files of at most max_shard_bytes, as HF splits big models
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -235,3 +316,13 @@ def save_hf(model, path, dtype=None, max_shard_bytes=5 * 2**30):
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
+
+def hf_config(a, dtype_name):
+    """config.json of a LlamaForCausalLM with these ModelArgs, weights stored in dtype_name."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+            "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
+            "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+            "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+            "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
+            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+            "torch_dtype": dtype_name, "initializer_range": a.init_std}

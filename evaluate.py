@@ -757,7 +757,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="model weights (default: bf16 on GPU)")
+                   help="model weights (default: bfloat16 on a GPU; on a CPU the checkpoint's own "
+                        "dtype, bfloat16 where float32 would not fit in memory)")
     args = p.parse_args(argv)
     if not (args.protocol and args.model):
         p.error("pass a protocol (e.g. segmentation, or all), --model, and --vqgan and --data (the "
@@ -787,9 +788,7 @@ def main(argv=None):
     runs += [(name, run, cfg) for name, run in protocols.items() if name in wanted]
     extractors, results = {}, []
     try:
-        model = load_model(args.model, device,
-                           getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda"
-                                                         else "float32")))
+        model = load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else "auto")
         if runs:
             tokenizer = load_pretrained(args.vqgan, device)
         for protocol, run, c in runs:
@@ -815,7 +814,7 @@ def main(argv=None):
             results.append(run(model, tokenizer, args.data, c))
         if "perplexity" in wanted:
             results += [eval_perplexity(model, t, cfg) for t in args.tokens]
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, ValueError, ImportError, MemoryError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     model_path = Path(args.model)
     name = args.name or (model_path.parent.name if model_path.is_file() else model_path.name)

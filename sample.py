@@ -215,7 +215,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="model weights (default: bfloat16 on GPU, float32 on CPU)")
+                   help="model weights (default: bfloat16 on a GPU; on a CPU the checkpoint's own "
+                        "dtype, bfloat16 where float32 would not fit in memory)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (fast_decode.py): the same tokens, several times "
                         "faster; the first call compiles for seconds to a minute")
@@ -243,9 +244,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = torch.device(args.device)
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         tokenizer = load_pretrained(args.vqgan, device=device)
-        model = load_model(args.model, device, dtype)
+        # default: the checkpoint's dtype (LVM's bfloat16 stays bfloat16), bfloat16 on a GPU
+        model = load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else "auto")
         R = tokenizer.config["resolution"]
         if args.unconditional:
             prompt, cut = None, 0
@@ -267,7 +268,7 @@ def main(argv=None):
                                          args.num_new, n, args.temperature, args.top_k, generator,
                                          args.compile, progress=True))
         samples = torch.cat(samples)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, MemoryError) as e:
         sys.exit(f"sample.py: error: {e}")
 
     out = Path(args.out_dir)

@@ -5,6 +5,7 @@ import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import pretrain
 import train
 from bench import train as bench_train
 from checkpoint import load_model
+from data import discriminative_sequence, load_tokens
 from train import learning_rate
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -285,6 +287,27 @@ def test_finetune_logs_in_context_accuracy_by_number_of_prompt_pairs(tmp_path, d
     assert [r["step"] for r in logged] == [2, 4]  # with every evaluation
     accuracy = logged[-1]["in_context"]["pairs"]  # the annotation name, or "pairs" when the file has none
     assert list(accuracy) == ["0", "1", "2", "4", "7"] and all(0 <= v <= 100 for v in accuracy.values())
+
+
+@pytest.mark.data
+def test_in_context_probe_prompts_k_pairs_then_the_query_and_scores_the_answer_after_them(data, monkeypatch):
+    """With generate replaced by an oracle that knows the held-out sequences: every prompt is pairs 0..k-1 then
+    the image of pair k, k = 0, 1, 2, 4, 7, and answering the annotation of pair k scores 100%."""
+    held_out = load_tokens(data["pairs"])
+    rng = np.random.default_rng([0, 2])  # the probe's own draw of held-out sequences (seed 0)
+    truth = torch.from_numpy(np.stack([discriminative_sequence(held_out, rng, 8) for _ in range(3)]))
+    S, prompts = truth.shape[1] // 16, []
+
+    def oracle(model, prompt, new, **kwargs):
+        prompts.append(prompt.shape[1] // S)
+        assert torch.equal(prompt, truth[:, :prompt.shape[1]])  # the sequences' own beginning
+        return truth[:, :prompt.shape[1] + new]
+
+    monkeypatch.setattr(finetune, "generate", oracle)
+    model = SimpleNamespace(output=SimpleNamespace(weight=torch.zeros(1)))  # the probe asks only its device
+    scores = finetune.in_context_probe([held_out], seed=0, num_sequences=3)(model)
+    assert prompts == [2 * k + 1 for k in (0, 1, 2, 4, 7)]  # k pairs, then the query image
+    assert scores == {"pairs": {str(k): 100.0 for k in (0, 1, 2, 4, 7)}}
 
 
 @pytest.mark.decoder
