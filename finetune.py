@@ -161,7 +161,7 @@ def load_stage1(path, size=""):
                             "world first: `python run_toy.py`")
     try:
         model = load_model(path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, MemoryError) as e:
         raise TrainingError(f"--init_from={path}: {e}") from e
     if size and ModelArgs(**MODEL_SIZES[size]) != model.args:
         raise TrainingError(f"--init_from={path} holds a model that is not --size={size} "
