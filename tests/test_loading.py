@@ -60,6 +60,21 @@ def test_a_model_that_cannot_fit_stops_sample_py_with_one_line(tmp_path, monkeyp
     assert "--dtype bfloat16" in message and "a GPU" in message and not (tmp_path / "out").exists()
 
 
+def test_an_allocation_failure_while_loading_anyway_ends_in_one_line(tmp_path, monkeypatch):
+    """Memory that looked free but is not (an address-space limit, another process): torch's error becomes one
+    line saying what helps."""
+    folder = released(tmp_path / "hf", torch.bfloat16)
+
+    def out_of_memory(path, dtype=None):
+        raise RuntimeError("unable to mmap 13340000000 bytes from file </x>: Cannot allocate memory (12)\nmore")
+
+    monkeypatch.setattr(checkpoint, "_read_hf", out_of_memory)
+    with pytest.raises(MemoryError) as error:
+        load_model(folder, "cpu", "auto")
+    assert len(str(error.value).splitlines()) == 1 and "Cannot allocate memory" in str(error.value)
+    assert "--dtype bfloat16" in str(error.value)
+
+
 def test_loading_peaks_at_the_model_plus_one_shard_not_two_copies(tmp_path):
     """A float32 checkpoint in 8 shards, loaded in bfloat16 in a fresh process: the memory it adds stays near the
     bfloat16 model plus one float32 shard, well under the float32 copy plus the bfloat16 one."""
