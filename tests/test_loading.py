@@ -16,6 +16,7 @@ from checkpoint import load_model, memory_needed, save_hf
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.decoder  # every test builds or loads a Transformer (its rotary tables included)
 LVM_LIKE = ModelArgs(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=8292, max_seq_len=256)
 
 
@@ -101,6 +102,7 @@ def test_loading_peaks_at_the_model_plus_one_shard_not_two_copies(tmp_path):
     assert added < 0.8 * (float32 + float32 / 2)  # far from both copies at once
 
 
+@pytest.mark.inference
 def test_sampling_neither_leaves_the_codebook_nor_stops_at_lvms_end_of_sequence_id(tmp_path):
     model = load_model(released(tmp_path / "hf", torch.float32), "cpu")
     model.output = torch.nn.Linear(LVM_LIKE.dim, LVM_LIKE.vocab_size)  # logits set by its bias alone
