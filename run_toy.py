@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 import evaluate
 import toyworld
 import vqgan
@@ -77,7 +78,7 @@ PROFILES = {
                              num_val_videos=6, frames=20),
                   vqgan=dict(max_steps=20, batch_size=16), stage1=dict(max_steps=30, batch_size=32),
                   stage2=dict(max_steps=20, batch_size=8), mix=RECIPE_MIX,
-                  queries=4, videos=4, ablation_stage2_steps=10, num_samples=2,
+                  queries=4, videos=4, ablation_stage2_steps=10, num_samples=2, probe_sequences=4,
                   scale_sizes=("micro", "tiny", "mini"), mapping_steps=10, long_videos=2),
 }
 # Table 5's rows: which sequence kinds stage 2 mixes, with what weights
@@ -148,6 +149,7 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
          f"--data={seq_data}",
          f"--val_data={val_data}", f"--mix={mix or p['mix']}", f"--out_dir={s2}",
          f"--eval_interval={max(1, stage2['max_steps'] // 4)}", "--eval_iters=8",
+         f"--probe_sequences={p.get('probe_sequences', 16)}",
          f"--micro_batch_size={stage2['batch_size']}"]
         + flags(stage2) + common, s2, s2 / "ckpt.pt")
     return s1, s2
@@ -244,6 +246,8 @@ def main(argv=None):
     p = PROFILES[profile]
     if p["device"] == "cuda" and not torch.cuda.is_available():
         ap.error("--profile gpu needs a CUDA GPU; use --profile cpu")
+    if p["device"] == "cpu":  # the same bits every run, here and in each step's process
+        distributed.repeatable_cpu_math()
     out = Path(a.out or ("out/toy" if profile == "cpu" else f"out/toy-{profile}"))
     for flag, folder in (("--out", out), ("--docs", a.docs)):  # checked before hours of work
         if folder and Path(folder).exists() and not Path(folder).is_dir():
