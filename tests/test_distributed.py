@@ -1,7 +1,8 @@
-"""Several processes on CPU (gloo), started by torchrun as on a GPU node: DDP and FSDP2 train exactly like one
-process with the same global batch; FSDP2 writes sharded checkpoints, each process its part, that resume on 2
-processes or on 1 (and a 1-process ckpt.pt resumes under FSDP2) like an unbroken run; a save cut short by a full
-disk or a kill leaves the last checkpoint; plus the device tables."""
+"""Several processes on CPU (gloo), as torchrun starts them on a GPU node (the DDP test by torchrun itself, the others
+forked with torchrun's environment variables, processes.py): DDP and FSDP2 train exactly like one process with the
+same global batch; FSDP2 writes sharded checkpoints, each process its part, that resume on 2 processes or on 1 (and a
+1-process ckpt.pt resumes under FSDP2) like an unbroken run; a save cut short by a full disk or a kill leaves the
+last checkpoint; plus the device tables."""
 import json
 import os
 import re
@@ -17,27 +18,30 @@ import torch
 import distributed
 from checkpoint import load_model
 from conftest import raise_unfinished
+from processes import run as processes_run
 from test_train import toy_images, write_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(out_dir, data, *extra, processes=1, script="pretrain.py", env=None):
-    """pretrain.py (or script) on CPU, as `python pretrain.py` or `torchrun --nproc_per_node=N pretrain.py`."""
-    launcher = [sys.executable] if processes == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    args = [str(script), "--size=tiny", "--stage=pretrain-toy", "--tokens_per_image=16", "--batch_size=8",
+def run(out_dir, data, *extra, processes=1, script="pretrain.py", env=None, torchrun=False):
+    """pretrain.py (or script) on CPU, as `python pretrain.py` or `torchrun --nproc_per_node=N pretrain.py`: by
+    torchrun itself, or (quicker) in processes forked with its environment variables (processes.py)."""
+    args = ["--size=tiny", "--stage=pretrain-toy", "--tokens_per_image=16", "--batch_size=8",
             "--micro_batch_size=4", "--max_steps=4", "--warmup_steps=2", "--log_interval=1", "--eval_interval=2",
             "--eval_iters=1", "--num_samples=0", "--export_hf=false", "--device=cpu", f"--data={data}",
             f"--out_dir={out_dir}", *extra]
-    return raise_unfinished(subprocess.run(launcher + args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                                        **(env or {})},
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    if not torchrun:
+        return raise_unfinished(processes_run(ROOT / script, args, processes=processes, env=env))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return raise_unfinished(subprocess.run(launcher + [str(script)] + args, cwd=ROOT, env={**os.environ, **env},
                                            capture_output=True, text=True, timeout=600))
 
 
-def train(out_dir, data, *extra, processes=1):
+def train(out_dir, data, *extra, processes=1, torchrun=False):
     """Run pretrain.py; the losses in metrics.jsonl (a resumed run keeps the lines up to its checkpoint)."""
-    result = run(out_dir, data, *extra, processes=processes)
+    result = run(out_dir, data, *extra, processes=processes, torchrun=torchrun)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]
@@ -70,7 +74,8 @@ def copy_run(out_dir, tmp_path):
 @pytest.mark.decoder
 @pytest.mark.data
 def test_ddp_on_two_processes_matches_one_process(tmp_path, data, one_process):
-    ddp = train(tmp_path, data, "--parallel=ddp", processes=2)  # each rank: one micro-batch of 4
+    # started by torchrun itself, as on a GPU node; each rank: one micro-batch of 4
+    ddp = train(tmp_path, data, "--parallel=ddp", processes=2, torchrun=True)
     assert len(ddp) == len(one_process) == 4
     assert ddp == pytest.approx(one_process, abs=1e-5)
 
