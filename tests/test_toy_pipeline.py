@@ -31,10 +31,10 @@ def tables(out):
     return [line for line in (out / "results.md").read_text().splitlines() if "wall time" not in line]
 
 
-def copy_steps(demo, out, steps=("world", "vqgan", "tokens", "stage1")):
-    """The demo's finished steps, as a new run would find them."""
+def copy_steps(run, out, steps=("world", "vqgan", "tokens", "stage1")):
+    """A run's finished steps, as a new run in out would find them."""
     for done in steps:
-        shutil.copytree(demo / done, out / done)
+        shutil.copytree(run / done, out / done)
 
 
 @pytest.fixture(scope="module")
