@@ -77,8 +77,8 @@ PROFILES = {
                   world=dict(num_images=300, num_val_images=40, num_videos=20,
                              num_val_videos=6, frames=20),
                   vqgan=dict(max_steps=20, batch_size=16), stage1=dict(max_steps=30, batch_size=32),
-                  stage2=dict(max_steps=20, batch_size=8), mix=RECIPE_MIX,
-                  queries=4, videos=4, ablation_stage2_steps=10, num_samples=2, probe_sequences=4,
+                  stage2=dict(max_steps=20, batch_size=8, probe_sequences=4), mix=RECIPE_MIX,
+                  queries=4, videos=4, ablation_stage2_steps=10, num_samples=2,
                   scale_sizes=("micro", "tiny", "mini"), mapping_steps=10, long_videos=2),
 }
 # Table 5's rows: which sequence kinds stage 2 mixes, with what weights
@@ -149,7 +149,6 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
          f"--data={seq_data}",
          f"--val_data={val_data}", f"--mix={mix or p['mix']}", f"--out_dir={s2}",
          f"--eval_interval={max(1, stage2['max_steps'] // 4)}", "--eval_iters=8",
-         f"--probe_sequences={p.get('probe_sequences', 16)}",
          f"--micro_batch_size={stage2['batch_size']}"]
         + flags(stage2) + common, s2, s2 / "ckpt.pt")
     return s1, s2
