@@ -18,14 +18,17 @@ Pairs rows alternate image, annotation, image, annotation, ...
 The builders are the sequences of the paper: single (stage 1, 2.2: one image), natural
 (16 frames of a video), discriminative (8 "image, annotation" pairs of one dataset), generative
 (8 "annotation, image" pairs; all 2.3) and random (16 unrelated images: LVM's sequences, the
-baseline of Tables 4 and 5).
+baseline of Tables 4 and 5). The streams at the end are what training reads (the batch contract).
 """
+import functools
 import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
+
+from infra.settings import TrainingError
 
 
 class TokenData:
@@ -70,9 +73,19 @@ def _pick(rng, counts):
     return g, k - (ends[g] - counts[g])
 
 
-def single_image(data, rng):
-    """Stage 1: one image, N = 1."""
-    return data.tokens[rng.integers(len(data))].astype(np.int64)
+@functools.lru_cache(maxsize=2)  # the training and the validation stream's current epochs
+def epoch_order(num_images, seed, epoch):
+    """A random order of num_images images, drawn anew for each epoch (4 bytes per image)."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_images)
+    return order.astype(np.uint32 if num_images < 2**32 else np.int64)
+
+
+def single_image(data, position, seed):
+    """Stage 1: one image, N = 1. Image `position` of an endless stream that shows every image once
+    per epoch, each epoch in a new random order (epoch_order), so a run sees all its images equally
+    often and the same position always gives the same image."""
+    epoch, index = divmod(position, len(data))
+    return data.tokens[epoch_order(len(data), seed, epoch)[index]].astype(np.int64)
 
 
 def natural_sequence(data, rng, n_images=16):
@@ -104,12 +117,127 @@ def generative_sequence(data, rng, n_pairs=8):
     return _pairs(data, rng, n_pairs)[:, ::-1].reshape(-1)
 
 
-def random_sequence(data, rng, n_images=16):
-    """n_images unrelated images (the ablation of Table 5)."""
-    rows = rng.choice(len(data), n_images, replace=len(data) < n_images)
-    return data.tokens[rows].astype(np.int64).reshape(-1)
+def random_sequence(data, position, seed, n_images=16):
+    """n_images unrelated images (LVM's sequences; the baseline of Tables 4 and 5): the single
+    images at positions position * n_images ... of single_image's stream."""
+    first = position * n_images
+    return np.concatenate([single_image(data, first + i, seed) for i in range(n_images)])
 
 
 SEQUENCE_BUILDERS = {"single": single_image, "natural": natural_sequence,
                      "discriminative": discriminative_sequence,
                      "generative": generative_sequence, "random": random_sequence}
+
+
+class JoinedTokens:
+    """Several token files read as one: row r of the whole is row r - start of the file holding
+    it."""
+
+    def __init__(self, datasets):
+        self.parts = [d.tokens for d in datasets]
+        self.starts = np.cumsum([0] + [len(t) for t in self.parts])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, row):
+        part = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.parts[part][row - self.starts[part]]
+
+
+# -----------------------------------------------------------------------------
+# The batch contract: training reads a stream, a function stream(first, count) that returns the
+# int64 sequences first .. first+count-1 [count, L] of an endless, deterministic list of sequences.
+# Step s reads batch_size sequences from its data position on, each process its own slice of them
+# (train.rank_batch), so processes never share a sequence and a resumed run (the position is in its
+# checkpoint) reads exactly what the unbroken run would have read.
+
+# which kind of token file each kind of sequence is built from
+SOURCES = {"natural": ("video",), "discriminative": ("pairs",), "generative": ("pairs",),
+           "random": ("images",)}
+
+
+def open_token_files(prefixes, tokens_per_image, flag="--data"):
+    """Open comma-separated token files (path prefixes: data/x for data/x.tokens + data/x.json) and
+    check that their images have the stage's tokens_per_image."""
+    datasets = []
+    for prefix in [p for p in prefixes.split(",") if p]:
+        try:
+            data = load_tokens(prefix)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, bad JSON, wrong size
+            raise TrainingError(f"{flag}: cannot read the token files {prefix}.tokens / "
+                                f"{prefix}.json ({e}); write them with tokenize_data.py") from e
+        per_image = data.meta.get("tokens_per_image")
+        if per_image != tokens_per_image:
+            raise TrainingError(f"{flag}: {prefix} has {per_image} tokens per image but the "
+                                f"stage expects {tokens_per_image}: pass "
+                                f"--tokens_per_image={per_image} or use matching data")
+        datasets.append(data)
+    if not datasets:
+        raise TrainingError(f"no {flag} given: pass {flag}=PREFIX, token files PREFIX.tokens + "
+                            "PREFIX.json, which `python tokenize_data.py images --input PHOTOS "
+                            "--vqgan VQ --out data/tok --name photos` makes from a folder of "
+                            "photos (VQ: LVM's released tokenizer; videos and pairs: its video and "
+                            "pairs commands), or start with the toy world: `python run_toy.py`")
+    return datasets
+
+
+def open_train_and_val(train_prefixes, val_prefixes, tokens_per_image):
+    """(--data, --val_data) token files; without --val_data the validation loss is measured on the
+    training files."""
+    datasets = open_token_files(train_prefixes, tokens_per_image, "--data")
+    if not val_prefixes:
+        print("note: no --val_data; the validation loss is measured on the training data")
+        return datasets, datasets
+    return datasets, open_token_files(val_prefixes, tokens_per_image, "--val_data")
+
+
+def image_stream(datasets, images_per_seq, seed):
+    """Stage 1's stream: sequence i is single_image's images i*n .. i*n+n-1 over all the files'
+    images (n = images_per_seq: 1 in the paper, 16 for LVM's random sequences, Table 4's
+    baseline). Every image is read once per epoch; no two processes read one image in a step."""
+    data = datasets[0] if len(datasets) == 1 else TokenData(JoinedTokens(datasets),
+                                                             dict(datasets[0].meta, groups=[]))
+
+    def stream(first, count):
+        return np.stack([random_sequence(data, i, seed, images_per_seq)
+                         for i in range(first, first + count)])
+
+    return stream
+
+
+def sequence_stream(datasets, mix, images_per_seq, seed, flag="--data"):
+    """Stage 2's stream: sequence i is built by a generator seeded with (seed, i), which draws its
+    kind from the mixture {kind: weight}, then a file of that kind (in proportion to its size),
+    then the sequence (the builders above). Sequence i is the same whichever process builds it and
+    whenever."""
+    kinds = list(mix)
+    weights = np.array([mix[k] for k in kinds]) / sum(mix.values())
+    sources = {}
+    for kind in kinds:
+        fitting = [d for d in datasets if d.meta.get("kind") in SOURCES[kind]]
+        if not fitting:
+            raise TrainingError(f"--mix asks for {kind} sequences, but no file of {flag} "
+                                f"is of kind {' or '.join(SOURCES[kind])}: add one, "
+                                f"or drop {kind} from --mix")
+        sizes = np.array([len(d.tokens) for d in fitting], dtype=np.float64)
+        sources[kind] = (fitting, sizes / sizes.sum())
+    if images_per_seq % 2 and ({"discriminative", "generative"} & set(kinds)):
+        raise TrainingError(f"pair sequences need an even --images_per_seq, not {images_per_seq}")
+
+    def build(i):
+        rng = np.random.default_rng([seed, i])
+        kind = kinds[rng.choice(len(kinds), p=weights)]
+        fitting, p = sources[kind]
+        data = fitting[rng.choice(len(fitting), p=p)]
+        if kind == "random":
+            return random_sequence(data, i, seed, images_per_seq)
+        if kind == "natural":
+            return natural_sequence(data, rng, images_per_seq)
+        return SEQUENCE_BUILDERS[kind](data, rng, n_pairs=images_per_seq // 2)
+
+    def stream(first, count):
+        return np.stack([build(i) for i in range(first, first + count)])
+
+    return stream
+

@@ -38,14 +38,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tokenize_data
-from checkpoint import load_model
+from infra.checkpoint import load_model
 from data import SEQUENCE_BUILDERS, load_tokens
-from features import I3D_FILE, INCEPTION_FILE, TinyExtractor, make_extractor
-from images import PALETTES, VIDEO_EXTS, annotation_luts, save_grid, save_plot
+from infra.features import I3D_FILE, INCEPTION_FILE, TinyExtractor, make_extractor
+from infra.images import PALETTES, VIDEO_EXTS, annotation_luts, save_grid, save_plot
 from metrics import (colors_to_classes, confusion_matrix, feature_distance, inception_score,
                      labels_from_colours, miou_from_confusion, psnr, ssim)
 from sample import WHERE_MODELS_COME_FROM, generate
-from vqgan import codes_per_image, images_to_tokens, load_pretrained, tokens_to_images
+from vqgan import codes_per_image, images_to_tokens, tokens_to_images
+from infra.vqgan_checkpoint import load_pretrained
 
 # -----------------------------------------------------------------------------
 # datasets: ADE20K and Cityscapes validation layouts, the toy world, UCF-101 style videos. Files are
@@ -70,8 +71,8 @@ class PairedSet:
 
 def find_paired(root, split="val", annotation="segmentation"):
     """ADE20K (ADEChallengeData2016/{images,annotations}/validation), Cityscapes
-    (leftImg8bit/val + gtFine/val) or the toy world (a folder written by toyworld.py, or one of its
-    splits: a task's query and answer folders, e.g. images/ + segmentation/)."""
+    (leftImg8bit/val + gtFine/val) or the toy world (a folder written by toy/toyworld.py, or one of
+    its splits: a task's query and answer folders, e.g. images/ + segmentation/)."""
     root = Path(root)
     for base in (root, root / "ADEChallengeData2016"):
         folder = {"val": "validation", "train": "training"}.get(split, split)
@@ -89,11 +90,11 @@ def find_paired(root, split="val", annotation="segmentation"):
         f"{root} is not a paired dataset with a {split!r} split and {annotation!r} annotations: "
         "expected ADE20K (images/validation/*.jpg + annotations/validation/*.png), Cityscapes "
         "(leftImg8bit/val/CITY/*_leftImg8bit.png + gtFine/val/CITY/*_gtFine_labelTrainIds.png) or "
-        f"a toy world split (images/ + {annotation}/, toyworld.py)")
+        f"a toy world split (images/ + {annotation}/, toy/toyworld.py)")
 
 
 def toy_tasks(split_folder):
-    """{task: (query folder, answer folder)} of a toy world split (toyworld.py's meta.json)."""
+    """{task: (query folder, answer folder)} of a toy world split (toy/toyworld.py's meta.json)."""
     meta = Path(split_folder).parent / "meta.json"
     return {k: tuple(v) for k, v in json.loads(meta.read_text()).get("tasks", {}).items()} \
         if meta.is_file() else {}
@@ -608,10 +609,12 @@ def eval_perplexity(model, tokens, cfg=EvalConfig()):
     n = min(cfg.num_sequences, cfg.limit or cfg.num_sequences)
     out = {}
     for name in SEQUENCES[kind]:
-        kwargs = {"single": {}, "natural": dict(n_images=n_images)}.get(
-            name, dict(n_pairs=n_images // 2))
-        seqs = torch.from_numpy(np.stack([SEQUENCE_BUILDERS[name](data, rng, **kwargs)
-                                          for _ in range(n)]))
+        if name == "single":  # the first n images of the stage-1 stream: n different images
+            seqs = [SEQUENCE_BUILDERS[name](data, i, cfg.seed) for i in range(n)]
+        else:
+            kwargs = dict(n_images=n_images) if name == "natural" else dict(n_pairs=n_images // 2)
+            seqs = [SEQUENCE_BUILDERS[name](data, rng, **kwargs) for _ in range(n)]
+        seqs = torch.from_numpy(np.stack(seqs))
         nll, correct = 0.0, 0
         for i in tqdm(range(0, n, cfg.batch_size), desc=f"perplexity {name}", unit="batch"):
             x = seqs[i:i + cfg.batch_size].to(device)
@@ -729,7 +732,8 @@ def parse_args(argv=None):
     p.add_argument("--model",
                    help="ckpt.pt from training, or a Hugging Face LLaMA directory")
     p.add_argument("--vqgan",
-                   help="VQ-GAN checkpoint directory (vqgan.load_pretrained); all but perplexity")
+                   help="VQ-GAN checkpoint directory (infra/vqgan_checkpoint.py); all but "
+                        "perplexity")
     p.add_argument("--data", help="dataset folder: ADE20K, Cityscapes, UCF-101 / frame folders, or "
                                   "a toy world")
     p.add_argument("--tokens", nargs="+", default=[],

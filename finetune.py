@@ -28,14 +28,14 @@ import sys
 import numpy as np
 import torch
 
-import distributed
+import data
 import train
-from checkpoint import load_model
 from configs import MODEL_SIZES
-from data import SEQUENCE_BUILDERS, discriminative_sequence
+from infra import distributed
+from infra.checkpoint import load_model
+from infra.settings import TrainingError, parse_config
 from model import ModelArgs
 from sample import generate
-from train import TrainingError
 
 SETTINGS = {
     **train.SETTINGS,
@@ -56,17 +56,15 @@ SETTINGS = {
                             "on a CPU at full size)"),
 }
 
-SOURCES = {"natural": ("video",), "discriminative": ("pairs",), "generative": ("pairs",),
-           "random": ("images",)}
-
 
 def parse_mix(text):
     """'natural:1,generative:0.5' -> {'natural': 1.0, 'generative': 0.5}."""
     mix = {}
     for part in filter(None, text.split(",")):
         kind, _, weight = part.partition(":")
-        if kind not in SOURCES:
-            raise TrainingError(f"--mix: unknown sequence kind {kind!r}; use {', '.join(SOURCES)}")
+        if kind not in data.SOURCES:
+            raise TrainingError(f"--mix: unknown sequence kind {kind!r}; use "
+                                f"{', '.join(data.SOURCES)}")
         try:
             mix[kind] = float(weight or 1)
         except ValueError:
@@ -77,42 +75,6 @@ def parse_mix(text):
         raise TrainingError(f"--mix={text} selects nothing: give at least one kind a "
                             "positive weight")
     return {kind: w for kind, w in mix.items() if w > 0}
-
-
-def sequence_mixture(datasets, mix, images_per_seq, seed, flag="--data"):
-    """Stage 2 batches: sequence i is built by a generator seeded with (seed, i), which draws its
-    kind from the mixture, then a dataset of that kind, then the sequence (data.py's builders).
-    Sequence i is the same whichever rank builds it and whenever, so ranks never share a sequence
-    and a resumed run continues exactly."""
-    kinds = list(mix)
-    weights = np.array([mix[k] for k in kinds]) / sum(mix.values())
-    sources = {}
-    for kind in kinds:
-        fitting = [d for d in datasets if d.meta.get("kind") in SOURCES[kind]]
-        if not fitting:
-            raise TrainingError(f"--mix asks for {kind} sequences, but no file of {flag} "
-                                f"is of kind {' or '.join(SOURCES[kind])}: add one, "
-                                f"or drop {kind} from --mix")
-        sizes = np.array([len(d.tokens) for d in fitting], dtype=np.float64)
-        sources[kind] = (fitting, sizes / sizes.sum())
-    if images_per_seq % 2 and ({"discriminative", "generative"} & set(kinds)):
-        raise TrainingError(f"pair sequences need an even --images_per_seq, not {images_per_seq}")
-    length = images_per_seq * datasets[0].tokens.shape[1]
-
-    def get(first, count):
-        out = np.empty((count, length), dtype=np.int64)
-        for j in range(count):
-            rng = np.random.default_rng([seed, first + j])
-            kind = kinds[rng.choice(len(kinds), p=weights)]
-            fitting, p = sources[kind]
-            data = fitting[rng.choice(len(fitting), p=p)]
-            if kind in ("discriminative", "generative"):
-                out[j] = SEQUENCE_BUILDERS[kind](data, rng, n_pairs=images_per_seq // 2)
-            else:
-                out[j] = SEQUENCE_BUILDERS[kind](data, rng, n_images=images_per_seq)
-        return out
-
-    return get
 
 
 # prompt pairs before an answer, as in the evaluation's in-context curve
@@ -126,11 +88,11 @@ def in_context_probe(datasets, seed, num_sequences=16):
     appear: with no example the answer is a guess among the tasks; after one, the model knows which
     mapping to apply."""
     rng, probes = np.random.default_rng([seed, 2]), {}
-    for data in (d for d in datasets if d.meta.get("kind") == "pairs"):
-        name = data.meta.get("annotation") or "pairs"
+    for pairs in (d for d in datasets if d.meta.get("kind") == "pairs"):
+        name = pairs.meta.get("annotation") or "pairs"
         probes[name] = (torch.from_numpy(np.stack([
-            discriminative_sequence(data, rng, max(IN_CONTEXT_PAIRS) + 1)
-            for _ in range(num_sequences)])), data.meta.get("vocab_size"))
+            data.discriminative_sequence(pairs, rng, max(IN_CONTEXT_PAIRS) + 1)
+            for _ in range(num_sequences)])), pairs.meta.get("vocab_size"))
     if not probes:
         return None
 
@@ -170,17 +132,20 @@ def load_stage1(path, size=""):
 
 
 def main(argv=None):
-    c = train.parse_config(argv, SETTINGS, __doc__)
+    config = parse_config(argv, SETTINGS, __doc__)
     try:
-        mix = parse_mix(c.mix)
-        # --resume reads out_dir/ckpt.pt instead
-        init = None if c.resume else load_stage1(c.init_from, c.size)
-        datasets, val = train.open_train_and_val(c)
-        fits = c.images_per_seq >= 2 * max(IN_CONTEXT_PAIRS) + 2
-        probe = (in_context_probe(val, c.seed, c.probe_sequences)
-                 if fits and c.probe_sequences else None)
-        train.train(c, sequence_mixture(datasets, mix, c.images_per_seq, c.seed),
-                    sequence_mixture(val, mix, c.images_per_seq, c.seed + 1, "--val_data"),
+        mix = parse_mix(config.mix)
+        # --resume reads out_dir's checkpoint instead
+        init = None if config.resume else load_stage1(config.init_from, config.size)
+        datasets, val = data.open_train_and_val(config.data, config.val_data,
+                                                config.tokens_per_image)
+        fits = config.images_per_seq >= 2 * max(IN_CONTEXT_PAIRS) + 2
+        probe = (in_context_probe(val, config.seed, config.probe_sequences)
+                 if fits and config.probe_sequences else None)
+        train.train(config,
+                    data.sequence_stream(datasets, mix, config.images_per_seq, config.seed),
+                    data.sequence_stream(val, mix, config.images_per_seq, config.seed + 1,
+                                         "--val_data"),
                     init, probe)
     except TrainingError as e:
         sys.exit(f"error: {e}")

@@ -36,11 +36,14 @@ from pathlib import Path
 
 import torch
 
-import distributed
+from infra import distributed
 import evaluate
-import toyworld
+from toy import toyworld
 import vqgan
-from checkpoint import load_model
+from infra import vqgan_checkpoint
+from infra.checkpoint import load_model
+
+ROOT = Path(__file__).resolve().parent  # the repository: each step runs its script from here
 
 # Budgets in steps, not minutes, so runs are repeatable. "cpu" fits 15 minutes on the slower 2-core
 # machines (about 6.5 on the faster ones); "gpu" is meant for 10 minutes on one H100.
@@ -118,14 +121,16 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
     its stage 1, or from stage2_init)."""
     py, world, vq, tok = sys.executable, out / "world", out / "vqgan", out / "tokens"
     # redone if cut
-    run([py, "toyworld.py", "--out", str(world), "--seed", "0"] + flags(p["world"]), world)
+    run([py, str(ROOT / "toy" / "toyworld.py"), "--out", str(world), "--seed", "0"]
+        + flags(p["world"]), world)
     # a patch codec, started from PCA and k-means of the patches: a few hundred steps of
     # fine-tuning suffice
-    run([py, "vqgan_train.py", "--data", str(world / "train"), "--val_data", str(world / "val"),
+    run([py, str(ROOT / "tools" / "vqgan_train.py"), "--data", str(world / "train"),
+         "--val_data", str(world / "val"),
          "--config", "toy", "--out_dir", str(vq), "--rec_loss=l2", "--lr=1e-3", "--restart_every=0",
          "--warmup_steps=20", f"--device={p['device']}"] + flags(p["vqgan"]),
         vq, vq / "training_state.pt")
-    run([py, "tokenize_data.py", "toyworld", "--root", str(world), "--vqgan", str(vq),
+    run([py, str(ROOT / "tokenize_data.py"), "toyworld", "--root", str(world), "--vqgan", str(vq),
          "--out", str(tok), "--device", p["device"]], tok)
     common = [f"--size={size or p['size']}", f"--device={p['device']}", f"--vqgan={vq}",
               "--log_interval=50", f"--num_samples={p['num_samples']}"]
@@ -136,7 +141,7 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
     # sequences with as many tokens per step (16x fewer sequences)
     per_seq = 16 if random_stage1 else 1
     stage1["batch_size"] = max(1, stage1["batch_size"] // per_seq)
-    run([py, "pretrain.py", "--stage=pretrain-toy", f"--images_per_seq={per_seq}",
+    run([py, str(ROOT / "pretrain.py"), "--stage=pretrain-toy", f"--images_per_seq={per_seq}",
          f"--data={tok}/train_images", f"--val_data={tok}/val_images", f"--out_dir={s1}",
          f"--eval_interval={stage1['max_steps']}", f"--micro_batch_size={stage1['batch_size']}"]
         + flags(stage1) + common, s1, s1 / "ckpt.pt")
@@ -145,7 +150,7 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
     names = ("video",) + tuple(pairs) + ("images",)
     seq_data = ",".join(f"{tok}/train_{n}" for n in names)
     val_data = ",".join(f"{tok}/val_{n}" for n in names)
-    run([py, "finetune.py", "--stage=finetune-toy", f"--init_from={stage2_init or s1}",
+    run([py, str(ROOT / "finetune.py"), "--stage=finetune-toy", f"--init_from={stage2_init or s1}",
          f"--data={seq_data}",
          f"--val_data={val_data}", f"--mix={mix or p['mix']}", f"--out_dir={s2}",
          f"--eval_interval={max(1, stage2['max_steps'] // 4)}", "--eval_iters=8",
@@ -158,7 +163,7 @@ def evaluate_models(out, models, p, in_context=("stage 1 + stage 2 (LVM-Lite)",)
     """The paper's protocols (evaluate.py) on the held-out split, for each model; the task and curve
     checks for the models named in in_context. Returns {name: results}."""
     device = torch.device(p["device"])
-    vq = vqgan.load_pretrained(out / "vqgan", device)
+    vq = vqgan_checkpoint.load_pretrained(out / "vqgan", device)
     results = {}
     for name, path in models.items():
         model = load_model(path / "ckpt.pt", device)
@@ -233,7 +238,7 @@ def main(argv=None):
                     help="tiny budgets: a few minutes (CI); the same as --profile quick")
     ap.add_argument("--profile", choices=list(PROFILES),
                     help="budgets (default: gpu if there is one, else cpu)")
-    from toy_studies import STUDIES
+    from toy.studies import STUDIES
     ap.add_argument("--ablation", choices=["pretrain", "finetune"] + list(STUDIES),
                     help="Table 4, 5 or 6, Figure 6 or 12 in miniature, or the mapping probe")
     ap.add_argument("--docs", help="also copy the tables and pictures to this folder (e.g. docs)")
@@ -253,7 +258,7 @@ def main(argv=None):
             ap.error(f"{flag} {folder} is a file; pass a folder")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if a.ablation in STUDIES:  # the studies of toy_studies.py, on the demo's models
+    if a.ablation in STUDIES:  # the studies of toy/studies.py, on the demo's models
         demo = None if a.ablation == "scale" else train_models(out, p)[1]
         text, results, pictures = STUDIES[a.ablation](out, p, demo, sys.modules[__name__])
         wall = time.time() - t0

@@ -16,9 +16,9 @@ the new codes are decoded back to pixels.
     python sample.py --model LVM_ckpts/7b --vqgan vqvae_ckpts --prompt a.png b.png --query q.png \\
         --compile
 
-Read top to bottom: sample_next (choosing a token) -> prefill and decode_one_token -> generate (the
-loop) -> sample_images (images in, images out) -> the command line. --compile swaps in a compiled
-decode step with the same tokens (fast_decode.py).
+Read top to bottom: next_token_probabilities and sample_next (choosing a token) -> prefill and
+decode_one_token -> generate (the loop) -> sample_images (images in, images out) -> the command
+line. --compile swaps in a compiled decode step with the same tokens (infra/fast_decode.py).
 """
 import argparse
 import contextlib
@@ -30,33 +30,37 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import fast_decode
-from checkpoint import load_model
-from images import load_image, read_frames, save_gif, save_grid, to_uint8
-from vqgan import codes_per_image, images_to_tokens, load_pretrained, tokens_to_images
+from infra import fast_decode
+from infra.checkpoint import load_model
+from infra.images import load_image, read_frames, save_gif, save_grid, to_uint8
+from vqgan import codes_per_image, images_to_tokens, tokens_to_images
+from infra.vqgan_checkpoint import load_pretrained
 
 
-def sample_next(logits, temperature=1.0, top_k=100, codebook_size=None, generator=None, noise=None):
-    """logits [B, V] -> next token ids [B]: softmax(logits / T) over the top_k largest (all when
-    top_k is 0 or None), or argmax when T <= 1e-5. codebook_size: only ids below it (image codes)
-    can come out, e.g. 8192 of LVM's 8292-token vocabulary. noise: the Exp(1) draws to use, [B,
-    candidates]; drawn from generator when None."""
+def next_token_probabilities(logits, temperature=1.0, top_k=100, codebook_size=None):
+    """logits [B, V] -> (probabilities [B, K], their token ids [B, K], or None when all are kept):
+    softmax(logits / T) over the top_k largest (all when top_k is 0 or None), among the ids below
+    codebook_size (the image codes, e.g. 8192 of LVM's 8292-token vocabulary)."""
     if codebook_size is not None:
         logits = logits[:, :codebook_size]  # the same as -inf logits for the unused slots
-    if temperature <= 1e-5:
-        return logits.argmax(-1)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature  # p = softmax(z / T)
     ids = None
     if top_k and top_k < logits.shape[-1]:  # keep the K most probable, renormalise over them
         logits, ids = torch.topk(logits, top_k, dim=-1)
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1), ids
+
+
+def sample_next(logits, temperature=1.0, top_k=100, codebook_size=None, generator=None):
+    """logits [B, V] -> next token ids [B]: drawn from next_token_probabilities, or the argmax when
+    T <= 1e-5 (greedy)."""
+    if temperature <= 1e-5:
+        return logits[:, :codebook_size].argmax(-1)
+    probs, ids = next_token_probabilities(logits, temperature, top_k, codebook_size)
     # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race); unlike torch.multinomial it
     # never waits for the GPU, so decoding can run ahead of the device
-    if noise is None:
-        noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    choice = (probs / noise).argmax(-1)
+    choice = (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1)
     return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
 
 
@@ -80,20 +84,21 @@ def prefill(model, tokens):
 
 
 def decode_one_token(model, token, input_pos, temperature=1.0, top_k=100, codebook_size=None,
-                     generator=None, noise=None):
+                     generator=None):
     """One token [B, 1] at position input_pos [1], attending to the cache, and the token that
     follows it [B], chosen by sample_next."""
     logits = model(token, input_pos=input_pos)[0][:, -1]
-    return sample_next(logits, temperature, top_k, codebook_size, generator, noise)
+    return sample_next(logits, temperature, top_k, codebook_size, generator)
 
 
 @contextlib.contextmanager
-def decoding(model, batch_size, length, compile=False):
-    """The step that decodes one token, with a key/value cache for one generate call: allocated once
-    (never per token) and freed after it. compile: fast_decode's compiled step and its cache
-    instead."""
+def cached_decode_step(model, batch_size, length, compile=False):
+    """The function that decodes one token (decode_one_token), with a key/value cache for one
+    generate call: allocated once (never per token) and freed after it. compile: fast_decode's
+    compiled step, with its own cache, instead (the same tokens)."""
     if compile:
-        with fast_decode.compiled_step(model, batch_size, length, decode_one_token) as step:
+        with fast_decode.compiled_step(model, batch_size, length,
+                                       next_token_probabilities) as step:
             yield step
         return
     model.setup_cache(batch_size, min(length, model.args.max_seq_len))
@@ -128,7 +133,7 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
     sampling = dict(temperature=temperature, top_k=top_k, codebook_size=codebook_size,
                     generator=generator)
     start, input_pos = None, torch.zeros(1, dtype=torch.long, device=seq.device)
-    with decoding(model, B, total, compile) as step:
+    with cached_decode_step(model, B, total, compile) as step:
         for cur in tqdm(range(T, total), desc="generating", unit="tok", disable=not progress,
                         leave=False):
             window = window_start(cur, max_len, tokens_per_image)
@@ -191,7 +196,7 @@ def parse_args(argv=None):
                    help="ckpt.pt from pretrain.py (or its folder), or a Hugging Face "
                    "LLaMA directory (e.g. LVM's 7B)")
     p.add_argument("--vqgan",
-                   help="VQ-GAN checkpoint directory or hub id (vqgan.load_pretrained)")
+                   help="VQ-GAN checkpoint directory or hub id (infra/vqgan_checkpoint.py)")
     mode = p.add_argument_group("what to generate (choose one)")
     mode.add_argument("--prompt", nargs="+", default=[], metavar="IMG",
                       help="example pairs A1 B1 [A2 B2 ...] stating the task (with --query)")

@@ -13,11 +13,11 @@ them with data.SEQUENCE_BUILDERS).
       --annotations cityscapes/gtFine/train --vqgan CKPT --name cityscapes_train
   # after runs with --num_shards K --shard_id i
   python tokenize_data.py merge --out data/tokens --name datacomp
-The toy world (toyworld.py), end to end on a CPU, and a picture of its sequences decoded from the
-tokens:
-  python toyworld.py --out data/toyworld --seed 0
-  python vqgan_train.py --data data/toyworld/train --val_data data/toyworld/val --config toy \\
-      --out_dir out/vqgan_toy
+The toy world (toy/toyworld.py), end to end on a CPU, and a picture of its sequences decoded from
+the tokens:
+  python toy/toyworld.py --out data/toyworld --seed 0
+  python tools/vqgan_train.py --data data/toyworld/train --val_data data/toyworld/val \\
+      --config toy --out_dir out/vqgan_toy
   python tokenize_data.py toyworld --root data/toyworld --vqgan out/vqgan_toy --out data/toy_tokens
     -> data/toy_tokens/{train,val}_{images,video,segmentation,edges,depth}.{tokens,json}
   python tokenize_data.py show --data data/toy_tokens --names 'train_*' --vqgan out/vqgan_toy \\
@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data import SEQUENCE_BUILDERS, load_tokens, single_image
-from images import (IMAGE_EXTS, INDEX_MODES, PALETTES, VIDEO_EXTS, Skip, annotation_luts,
+from data import SEQUENCE_BUILDERS, load_tokens, random_sequence
+from infra.images import (IMAGE_EXTS, INDEX_MODES, PALETTES, VIDEO_EXTS, Skip, annotation_luts,
                     load_palette, read_annotation, read_image, read_video)
 
 IMAGE_SUFFIXES = ("_leftImg8bit",)  # dropped from stems before matching (Cityscapes)
@@ -218,9 +218,10 @@ def load_tokenizer(vqgan_path=None, config=None, seed=0, device=None):
     """(model, identity). config: a randomly initialised vqgan.CONFIGS entry, for tests only."""
     import torch
     import vqgan
+    from infra import vqgan_checkpoint
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if vqgan_path:
-        model, identity = (vqgan.load_pretrained(vqgan_path, device=device),
+        model, identity = (vqgan_checkpoint.load_pretrained(vqgan_path, device=device),
                            {"path": str(vqgan_path)})
     elif config in vqgan.CONFIGS:
         print(f"warning: random {config!r} VQ-GAN (for tests only): "
@@ -454,8 +455,9 @@ def show(data_dir, model, out_png, names="*", per_kind=1, n_images=16, seed=0):
                 random="images")
     for kind, name in [(k, n) for k in uses for n, d in files.items() if d.meta["kind"] == uses[k]]:
         for _ in range(per_kind):
-            if kind == "single":  # n_images stage-1 sequences side by side
-                seq = np.concatenate([single_image(files[name], rng) for _ in range(n_images)])
+            if kind in ("single", "random"):  # n_images images of the stage-1 stream
+                position = int(rng.integers(len(files[name])))
+                seq = random_sequence(files[name], position, seed, n_images)
             else:
                 seq = SEQUENCE_BUILDERS[kind](files[name], rng,
                                               n_images // (2 if uses[kind] == "pairs" else 1))
@@ -490,7 +492,7 @@ def toyworld_jobs(root):
     try:
         meta = json.loads((Path(root) / "meta.json").read_text())
     except FileNotFoundError:
-        raise ValueError(f"{root} is not a toy world (no meta.json): run python toyworld.py "
+        raise ValueError(f"{root} is not a toy world (no meta.json): run python toy/toyworld.py "
                          f"--out {root}")
     jobs = []
     for split in meta["splits"]:
@@ -526,7 +528,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     tok = argparse.ArgumentParser(add_help=False)
-    tok.add_argument("--vqgan", help="VQ-GAN checkpoint: a directory vqgan.load_pretrained reads")
+    tok.add_argument("--vqgan", help="VQ-GAN checkpoint: a directory infra/vqgan_checkpoint.py reads")
     tok.add_argument("--vqgan_config",
                      help="TESTS ONLY: randomly initialised weights of this vqgan.CONFIGS entry")
     tok.add_argument("--seed", type=int, default=0,
@@ -567,7 +569,7 @@ def main(argv=None):
                    help=f"{', '.join(PALETTES)} or a JSON file of [r, g, b] per class index; "
                    "needed for class-index PNGs (ADE20K's store class c as c + 1)")
     s = sub.add_parser("toyworld", parents=[job],
-                       help="every split and kind of a toy world (toyworld.py)")
+                       help="every split and kind of a toy world (toy/toyworld.py)")
     s.add_argument("--root", default="data/toyworld", help="toy world folder")
     s = sub.add_parser("merge", help="join the finished shards of a --num_shards run")
     s.add_argument("--out", default="data/tokens")

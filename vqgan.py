@@ -2,22 +2,17 @@
 The image tokenizer (paper 2.1): a VQ-GAN maps pixels in [0, 1] to a grid of codebook indices and
 back.
 
-The network is open-muse's taming-style VQGANModel, the tokenizer released with LVM
-(Emma02/vqvae_ckpts, the same network as openMUSE/vqgan-f16-8192-laion), with the same parameter
-names, so its checkpoints load as they are.
+The network is open-muse's taming-style VQGANModel, LVM's released tokenizer (Emma02/vqvae_ckpts),
+parameter for parameter: infra/vqgan_checkpoint.py reads its checkpoints as they are.
 
-    tokenizer = load_pretrained("path/to/vqvae_ckpts")  # config.json + pytorch_model.bin /
-    safetensors codes = tokenizer.encode(pixels)      # float [B, 3, H, W] in [0, 1] -> int64 [B,
-    (H/f)*(W/f)] pixels = tokenizer.decode(codes)      # -> float [B, 3, H, W], not clamped tokens =
-    images_to_tokens(tokenizer, images)  # uint8 or float images -> codes, as the LLM reads them
+    tokenizer = load_pretrained("path/to/vqvae_ckpts")  # from infra.vqgan_checkpoint
+    codes = tokenizer.encode(pixels)        # float [B, 3, H, W] in [0, 1] -> int64 [B, (H/f)*(W/f)]
+    pixels = tokenizer.decode(codes)        # -> float [B, 3, H, W], not clamped
+    tokens = images_to_tokens(tokenizer, images)  # uint8 or float images -> codes, as the LLM reads
 
-Read top to bottom: configs -> the network (encoder, decoder, quantizer, VQGAN) -> checkpoints ->
-images <-> tokens. Training one from scratch: vqgan_train.py.
+Read top to bottom: configs, the network (encoder, decoder, quantizer), images <-> tokens.
 """
-import json
 import math
-import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -37,25 +32,15 @@ CONFIGS = {
                 num_res_blocks=1, attn_resolutions=[], no_attn_mid_block=True, z_channels=64,
                 num_embeddings=512, quantized_embed_dim=64, dropout=0.0, resample_with_conv=False,
                 commitment_cost=0.25, norm_groups=8, patch_encoder=True, patch_decoder=True),
-    # a small f16 model (256x256 -> 16x16 codes, the paper's layout) for CPU experiments on real
-    # photos
-    "small-f16": dict(resolution=256, num_channels=3, hidden_channels=32,
-                      channel_mult=[1, 1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[],
-                      no_attn_mid_block=True, z_channels=64, num_embeddings=1024,
-                      quantized_embed_dim=16, dropout=0.0, resample_with_conv=True,
-                      commitment_cost=0.25, norm_groups=8),
 }
 # our fields beyond open-muse's, with the released model's behaviour as default. GroupNorm needs
 # several channels per group: with one, every channel is zero-mean per image and the decoder cannot
 # output the image's mean colour.
 EXTRA_FIELDS = dict(norm_groups=32, l2_normalize_codes=False, patch_encoder=False,
                     patch_decoder=False)
-CONFIG_FILE = "config.json"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
-                "diffusion_pytorch_model.bin")
 
 # -----------------------------------------------------------------------------
-# the network: open-muse's taming-style VQGANModel, parameter for parameter
+# the network (train one from scratch: tools/vqgan_train.py)
 
 
 def Normalize(channels, groups):
@@ -63,78 +48,74 @@ def Normalize(channels, groups):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout, c):
+    def __init__(self, cin, cout, config):
         super().__init__()
-        self.norm1, self.conv1 = (Normalize(cin, c["norm_groups"]),
+        self.norm1, self.conv1 = (Normalize(cin, config["norm_groups"]),
                                   nn.Conv2d(cin, cout, 3, padding=1))
-        self.norm2, self.conv2 = (Normalize(cout, c["norm_groups"]),
+        self.norm2, self.conv2 = (Normalize(cout, config["norm_groups"]),
                                   nn.Conv2d(cout, cout, 3, padding=1))
-        self.dropout = nn.Dropout(c["dropout"])
-        if cin != cout:  # 1x1 projection so the residual matches the new width
-            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+        self.dropout = nn.Dropout(config["dropout"])
+        # a 1x1 projection where the width changes, so the residual matches it
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+        return self.nin_shortcut(x) + h
 
 
 class Downsample(nn.Module):
     def __init__(self, channels, with_conv):
         super().__init__()
-        if with_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2) if with_conv else None
 
     def forward(self, x):
+        if self.conv is None:
+            return F.avg_pool2d(x, 2)
         # asymmetric zero pad (right, bottom) then a stride-2 conv with no padding
-        if hasattr(self, "conv"):
-            return self.conv(F.pad(x, (0, 1, 0, 1)))
-        return F.avg_pool2d(x, 2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
     def __init__(self, channels, with_conv):
         super().__init__()
-        if with_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if with_conv else nn.Identity()
 
     def forward(self, x):
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if hasattr(self, "conv") else x
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels, c):
+def _mid(channels, config):
     mid = nn.Module()
-    mid.block_1, mid.block_2 = (ResnetBlock(channels, channels, c),
-                                ResnetBlock(channels, channels, c))
+    mid.block_1, mid.block_2 = (ResnetBlock(channels, channels, config),
+                                ResnetBlock(channels, channels, config))
     return mid
 
 
 class Encoder(nn.Module):
-    def __init__(self, c):
+    def __init__(self, config):
         super().__init__()
-        ch, mult, n = c["hidden_channels"], c["channel_mult"], len(c["channel_mult"])
-        self.conv_in = nn.Conv2d(c["num_channels"], ch, 3, padding=1)
+        ch, mult, n = config["hidden_channels"], config["channel_mult"], len(config["channel_mult"])
+        self.conv_in = nn.Conv2d(config["num_channels"], ch, 3, padding=1)
         self.down = nn.ModuleList()
         for i in range(n):  # level i works at resolution / 2**i with ch * mult[i] channels
             level, cin = nn.Module(), ch * ([1] + list(mult))[i]
             level.block = nn.ModuleList(
-                [ResnetBlock(cin if j == 0 else ch * mult[i], ch * mult[i], c)
-                 for j in range(c["num_res_blocks"])])
-            if i < n - 1:
-                level.downsample = Downsample(ch * mult[i], c["resample_with_conv"])
+                [ResnetBlock(cin if j == 0 else ch * mult[i], ch * mult[i], config)
+                 for j in range(config["num_res_blocks"])])
+            level.downsample = (Downsample(ch * mult[i], config["resample_with_conv"])
+                                if i < n - 1 else nn.Identity())  # the lowest level keeps its size
             self.down.append(level)
-        self.mid = _mid(ch * mult[-1], c)
-        self.norm_out = Normalize(ch * mult[-1], c["norm_groups"])
-        self.conv_out = nn.Conv2d(ch * mult[-1], c["z_channels"], 3, padding=1)
+        self.mid = _mid(ch * mult[-1], config)
+        self.norm_out = Normalize(ch * mult[-1], config["norm_groups"])
+        self.conv_out = nn.Conv2d(ch * mult[-1], config["z_channels"], 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
                 h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level.downsample(h)
         h = self.mid.block_2(self.mid.block_1(h))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -146,54 +127,53 @@ class PatchEncoder(nn.Module):
     surroundings: synonym codes that the decoder renders alike but a sequence model must still
     predict.)"""
 
-    def __init__(self, c):
+    def __init__(self, config):
         super().__init__()
-        f = 2 ** (len(c["channel_mult"]) - 1)
-        self.conv_in = nn.Conv2d(c["num_channels"], c["z_channels"], f, stride=f)
+        f = 2 ** (len(config["channel_mult"]) - 1)
+        self.conv_in = nn.Conv2d(config["num_channels"], config["z_channels"], f, stride=f)
 
     def forward(self, x):
         return self.conv_in(x)
 
 
 class PatchDecoder(nn.Module):
-    """The mirror of PatchEncoder: a transposed convolution (kernel = stride = f) paints each code's
-    patch."""
+    """The mirror of PatchEncoder: a transposed convolution (kernel = stride = f) paints a patch."""
 
-    def __init__(self, c):
+    def __init__(self, config):
         super().__init__()
-        f = 2 ** (len(c["channel_mult"]) - 1)
-        self.conv_out = nn.ConvTranspose2d(c["z_channels"], c["num_channels"], f, stride=f)
+        f = 2 ** (len(config["channel_mult"]) - 1)
+        self.conv_out = nn.ConvTranspose2d(config["z_channels"], config["num_channels"], f,
+                                           stride=f)
 
     def forward(self, z):
         return self.conv_out(z)
 
 
 class Decoder(nn.Module):
-    def __init__(self, c):
+    def __init__(self, config):
         super().__init__()
-        ch, mult, n = c["hidden_channels"], c["channel_mult"], len(c["channel_mult"])
-        self.conv_in = nn.Conv2d(c["z_channels"], ch * mult[-1], 3, padding=1)
-        self.mid = _mid(ch * mult[-1], c)
+        ch, mult, n = config["hidden_channels"], config["channel_mult"], len(config["channel_mult"])
+        self.conv_in = nn.Conv2d(config["z_channels"], ch * mult[-1], 3, padding=1)
+        self.mid = _mid(ch * mult[-1], config)
         self.up = nn.ModuleList()
         # up[i] is the level at resolution index i (up[n-1] is the lowest); run from n-1 down to 0
         for i in range(n):
             level, cin = nn.Module(), ch * mult[min(i + 1, n - 1)]
             level.block = nn.ModuleList(
-                [ResnetBlock(cin if j == 0 else ch * mult[i], ch * mult[i], c)
-                 for j in range(c["num_res_blocks"] + 1)])
-            if i > 0:
-                level.upsample = Upsample(ch * mult[i], c["resample_with_conv"])
+                [ResnetBlock(cin if j == 0 else ch * mult[i], ch * mult[i], config)
+                 for j in range(config["num_res_blocks"] + 1)])
+            level.upsample = (Upsample(ch * mult[i], config["resample_with_conv"]) if i > 0
+                              else nn.Identity())  # the highest level is the image's size
             self.up.append(level)
-        self.norm_out = Normalize(ch * mult[0], c["norm_groups"])
-        self.conv_out = nn.Conv2d(ch * mult[0], c["num_channels"], 3, padding=1)
+        self.norm_out = Normalize(ch * mult[0], config["norm_groups"])
+        self.conv_out = nn.Conv2d(ch * mult[0], config["num_channels"], 3, padding=1)
 
     def forward(self, z):
         h = self.mid.block_2(self.mid.block_1(self.conv_in(z)))
         for level in reversed(self.up):
             for block in level.block:
                 h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -240,22 +220,23 @@ class VectorQuantizer(nn.Module):
 class VQGAN(nn.Module):
     def __init__(self, config):
         super().__init__()
-        c = {**CONFIGS["f16-8192"], **EXTRA_FIELDS,
-             **{k: v for k, v in config.items() if not k.startswith("_")}}
-        if c["attn_resolutions"] or not c["no_attn_mid_block"]:
+        config = {**CONFIGS["f16-8192"], **EXTRA_FIELDS,
+                  **{k: v for k, v in config.items() if not k.startswith("_")}}
+        if config["attn_resolutions"] or not config["no_attn_mid_block"]:
             raise ValueError("this VQGAN has no attention blocks (the released LVM tokenizer "
                              "has none); set attn_resolutions=[] and no_attn_mid_block=true")
-        if any((c["hidden_channels"] * m) % c["norm_groups"] for m in c["channel_mult"]):
+        widths = [config["hidden_channels"] * m for m in config["channel_mult"]]
+        if any(width % config["norm_groups"] for width in widths):
             raise ValueError("hidden_channels * channel_mult must be multiples of norm_groups "
-                             f"({c['norm_groups']})")
-        self.config = c
-        self.downsample_factor = 2 ** (len(c["channel_mult"]) - 1)
-        self.encoder = (PatchEncoder if c["patch_encoder"] else Encoder)(c)
-        self.decoder = (PatchDecoder if c["patch_decoder"] else Decoder)(c)
-        self.quant_conv = nn.Conv2d(c["z_channels"], c["quantized_embed_dim"], 1)
-        self.quantize = VectorQuantizer(c["num_embeddings"], c["quantized_embed_dim"],
-                                        c["commitment_cost"], c["l2_normalize_codes"])
-        self.post_quant_conv = nn.Conv2d(c["quantized_embed_dim"], c["z_channels"], 1)
+                             f"({config['norm_groups']})")
+        self.config = config
+        self.downsample_factor = 2 ** (len(config["channel_mult"]) - 1)
+        self.encoder = (PatchEncoder if config["patch_encoder"] else Encoder)(config)
+        self.decoder = (PatchDecoder if config["patch_decoder"] else Decoder)(config)
+        self.quant_conv = nn.Conv2d(config["z_channels"], config["quantized_embed_dim"], 1)
+        self.quantize = VectorQuantizer(config["num_embeddings"], config["quantized_embed_dim"],
+                                        config["commitment_cost"], config["l2_normalize_codes"])
+        self.post_quant_conv = nn.Conv2d(config["quantized_embed_dim"], config["z_channels"], 1)
 
     def latents(self, pixels):
         """Continuous latents before quantization: quant_conv(encoder(pixels))."""
@@ -315,110 +296,11 @@ class VQGAN(nn.Module):
             raise ValueError(f"codes must be in [0, {self.config['num_embeddings']}), got "
                              f"[{codes.min()}, {codes.max()}]")
         out = []
-        for c in self._batches(codes.long(), batch_size, n * self.downsample_factor ** 2):
+        for batch in self._batches(codes.long(), batch_size, n * self.downsample_factor ** 2):
             with self._autocast(bf16):
-                x = self.decode_latents(self.quantize.lookup(c, h, w))
+                x = self.decode_latents(self.quantize.lookup(batch, h, w))
             out.append(x.float().to(codes.device))
         return torch.cat(out)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: open-muse layout (config.json + pytorch_model.bin or model.safetensors), diffusers
-# aMUSEd VQModel
-
-
-def _from_diffusers(sd, config):
-    """Rename diffusers VQModel keys (and config fields) to open-muse ones (aMUSEd's VQModel is the
-    same network)."""
-    n = len(config["block_out_channels"])
-    ch = config["block_out_channels"][0]
-    muse = dict(num_channels=config.get("in_channels", 3), hidden_channels=ch,
-                channel_mult=[b // ch for b in config["block_out_channels"]],
-                num_res_blocks=config.get("layers_per_block", 2),
-                z_channels=config["latent_channels"], num_embeddings=config["num_vq_embeddings"],
-                quantized_embed_dim=config.get("vq_embed_dim") or config["latent_channels"],
-                norm_groups=config.get("norm_num_groups", 32))
-    rules = [(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
-             (r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
-             (r"mid_block\.resnets\.0\.", "mid.block_1."),
-             (r"mid_block\.resnets\.1\.", "mid.block_2."),
-             (r"conv_shortcut", "nin_shortcut"), (r"conv_norm_out", "norm_out"),
-             (r"upsamplers\.0\.", "upsample."), (r"\.resnets\.", ".block.")]
-    out = {}
-    for k, v in sd.items():
-        # diffusers counts up blocks from the lowest resolution
-        m = re.match(r"decoder\.up_blocks\.(\d+)\.(.*)", k)
-        if m:
-            k = f"decoder.up.{n - 1 - int(m.group(1))}.{m.group(2)}"
-        for pattern, repl in rules:
-            k = re.sub(pattern, repl, k)
-        out[k] = v
-    return out, muse
-
-
-def save_pretrained(model, path):
-    """Write config.json + model.safetensors in the open-muse layout that load_pretrained reads."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "VQGANModel", "_version": "0.0.1", **model.config}
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(path / "model.safetensors"))
-
-
-def _download(repo_id):
-    hint = (f"download it by hand: on a machine with internet, `huggingface-cli download {repo_id} "
-            "--local-dir DIR` (or fetch config.json and pytorch_model.bin from "
-            f"https://huggingface.co/{repo_id}) and pass DIR")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"{repo_id!r} is not a local directory and huggingface_hub is not "
-                                f"installed; {hint}")
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin", "*.safetensors"]))
-    except Exception as e:
-        raise FileNotFoundError(f"{repo_id!r} is not a local directory and could not be fetched "
-                                f"from the Hugging Face hub ({type(e).__name__}); if it is a hub "
-                                f"id, {hint}")
-
-
-def load_pretrained(path, device=None):
-    """A ready (eval-mode) VQGAN from a checkpoint directory or, where huggingface_hub is installed,
-    a hub id. device: None picks the GPU when there is one."""
-    path = Path(path)
-    if not path.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):
-            path = _download(str(path))
-        else:
-            raise FileNotFoundError(f"VQGAN checkpoint {str(path)!r} does not exist; pass a "
-                                    f"directory holding config.json and {WEIGHT_FILES[0]} or "
-                                    f"{WEIGHT_FILES[1]}, or a hub id such as Emma02/vqvae_ckpts")
-    if (path.is_dir() and not (path / CONFIG_FILE).exists()
-            and (path / "vqvae" / CONFIG_FILE).exists()):
-        path = path / "vqvae"  # aMUSEd pipelines keep the tokenizer in a subfolder
-    weights = [path / f for f in WEIGHT_FILES if (path / f).exists()]
-    if not (path / CONFIG_FILE).exists() or not weights:
-        raise FileNotFoundError(f"{str(path)!r} is not a VQGAN checkpoint: it needs config.json "
-                                f"and one of {', '.join(WEIGHT_FILES)}")
-    config = json.loads((path / CONFIG_FILE).read_text())
-    if weights[0].suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(weights[0]))
-    else:
-        # never unpickle code from a checkpoint
-        sd = torch.load(weights[0], map_location="cpu", weights_only=True)
-    if "block_out_channels" in config:  # diffusers VQModel layout
-        sd, config = _from_diffusers(sd, config)
-    model = VQGAN(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match its config.json ({len(missing)} missing "
-                         f"keys, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. "
-                         f"{unexpected[:3]})")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -426,8 +308,7 @@ def load_pretrained(path, device=None):
 
 
 def codes_per_image(vqgan):
-    """Tokens of one image: (resolution / downsample factor)^2, e.g. 256 for the paper's f16 VQ-GAN
-    at 256x256."""
+    """Tokens of one image: (resolution / downsample factor)^2, e.g. 256 for LVM's at 256x256."""
     side = vqgan.config["resolution"] // vqgan.downsample_factor
     return side * side
 

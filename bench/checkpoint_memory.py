@@ -28,9 +28,9 @@ import torch
 if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import distributed
-import sharded_checkpoint
-from checkpoint import save_checkpoint
+from infra import distributed
+from infra import sharded_checkpoint
+from infra.checkpoint import save_checkpoint
 from configs import MODEL_SIZES
 from model import ModelArgs, Transformer
 from train import configure_optimizer

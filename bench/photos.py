@@ -27,7 +27,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repository's modules, not bench/'s
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from images import PALETTES, annotation_luts  # noqa: E402  (after the path fix above)
+from infra.images import PALETTES, annotation_luts  # noqa: E402  (after the path fix above)
 
 PHOTO_EXTS = (".jpg", ".jpeg", ".png")
 CLASS_IDS = np.array([1, 6, 31, 150])  # ADE20K ids: white, yellow, magenta and green in its palette
@@ -85,9 +85,10 @@ def main():
     if a.vqgan_out:
         import torch
         import vqgan
+        from infra import vqgan_checkpoint
         torch.manual_seed(0)
         model = vqgan.VQGAN(vqgan.CONFIGS["f16-8192"])
-        vqgan.save_pretrained(model, a.vqgan_out)
+        vqgan_checkpoint.save_pretrained(model, a.vqgan_out)
         print(f"RANDOM weights: an f16-8192 VQ-GAN ({sum(t.numel() for t in model.parameters()) / 1e6:.1f}M "
               f"parameters, the released layout) -> {a.vqgan_out}; pass LVM's released tokenizer for real codes")
 

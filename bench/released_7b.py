@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import vqgan  # noqa: E402
-from checkpoint import hf_config, load_model, rename  # noqa: E402
+from infra import vqgan_checkpoint
+from infra.checkpoint import hf_config, load_model, rename  # noqa: E402
 from configs import MODEL_SIZES  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from sample import generate  # noqa: E402
@@ -63,9 +64,10 @@ def tokenizer(folder, tokens_per_image):
     """A random VQ-GAN of the released kind (f16, 8192 codes) small enough not to matter, at the resolution that
     gives tokens_per_image codes."""
     side = int(tokens_per_image ** 0.5) * 16
-    config = {**vqgan.CONFIGS["small-f16"], "resolution": side, "num_embeddings": 8192}
+    config = dict(resolution=side, hidden_channels=32, channel_mult=[1, 1, 2, 2, 4], num_res_blocks=1,
+                  num_embeddings=8192, quantized_embed_dim=16, norm_groups=8)  # the rest: f16-8192's
     torch.manual_seed(0)
-    vqgan.save_pretrained(vqgan.VQGAN(config), folder)
+    vqgan_checkpoint.save_pretrained(vqgan.VQGAN(config), folder)
     return folder
 
 

@@ -38,8 +38,8 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from configs import MODEL_SIZES
-import fast_decode
-from checkpoint import save_hf
+from infra import fast_decode
+from infra.checkpoint import save_hf
 from model import ModelArgs, Transformer
 from sample import generate
 

@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from configs import MODEL_SIZES
-from distributed import peak_flops
-from checkpoint import save_hf
+from infra.distributed import peak_flops
+from infra.checkpoint import save_hf
 from model import ModelArgs, Transformer, estimate_flops
 from train import configure_optimizer
 

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import tokenize_data as td
-from images import read_image
+from infra.images import read_image
 
 
 def bare_encoder(model, x, batch_size):

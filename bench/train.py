@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
 
 import train
 from configs import MODEL_SIZES
+from infra.settings import parse_config
 
 
 def main(argv=None):
@@ -41,12 +42,12 @@ def main(argv=None):
     lines = []
     for seq_len, micro in zip(map(int, a.seq_lens.split(",")), map(int, a.micro_batch_sizes.split(","))):
         with tempfile.TemporaryDirectory(dir=a.out_dir or None) as out_dir:  # each run ends with a checkpoint
-            c = train.parse_config([
+            c = parse_config([
                 f"--size={a.size}", f"--tokens_per_image={seq_len}", "--images_per_seq=1",
                 f"--micro_batch_size={micro}", f"--batch_size={micro}", f"--max_steps={a.steps}",
                 "--warmup_steps=1", "--log_interval=1", f"--eval_interval={a.steps}", "--eval_iters=1",
                 "--num_samples=0", "--export_hf=false", f"--device={a.device}", f"--dtype={a.dtype}",
-                f"--compile={a.compile}", f"--out_dir={out_dir}"])
+                f"--compile={a.compile}", f"--out_dir={out_dir}"], train.SETTINGS)
 
             def random_tokens(first, count):
                 return np.random.default_rng(first).integers(0, vocab, (count, seq_len))

@@ -21,8 +21,9 @@ if __package__ in (None, ""):  # run as `python bench/NAME.py`: import the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import vqgan
-import vqgan_train
-from images import load_images
+from infra import vqgan_checkpoint
+from tools import vqgan_train
+from infra.images import load_images
 
 
 def timed(fn, x, iters, device):
@@ -100,7 +101,7 @@ def main(argv=None):
         p.error("--data measures a trained tokenizer: pass --ckpt DIR as well")
     torch.manual_seed(0)
     if args.ckpt:
-        model = vqgan.load_pretrained(args.ckpt, device=args.device or "cpu")
+        model = vqgan_checkpoint.load_pretrained(args.ckpt, device=args.device or "cpu")
     else:
         model = vqgan.VQGAN(vqgan.CONFIGS[args.config]).eval()
     if args.data:

@@ -1,21 +1,14 @@
 """
-Model sizes (Table 7) and training stages (Table 8), as plain dicts, and the one way the training
-scripts read their settings from the command line.
+Model sizes (Table 7) and training stages (Table 8), as plain dicts.
 
-    from configs import MODEL_SIZES, STAGES, parse_settings
+    from configs import MODEL_SIZES, STAGES
     args = ModelArgs(**MODEL_SIZES["300M"])
-    hyper = STAGES["pretrain"]          # overridable on the command line as --key=value
-    c = parse_settings({"lr": (1e-3, "peak learning rate")}, ["--lr=3e-4"])     # c.lr == 3e-4
+    hyper = STAGES["pretrain"]          # each value overridable on the command line as --key=value
 
 Every size uses the VQ-GAN's 8192-code vocabulary and untied input/output embeddings, except `tiny`
 and `small` (the toy world's 512-code tokenizer, 16 tokens per 32x32 image) and `lvm-7b`
 (LVM's released checkpoint: 8292 = 8192 codes plus 100 unused slots).
 """
-
-import argparse
-import difflib
-import json
-from types import SimpleNamespace
 
 # Table 7: model architectures. hidden_dim is the paper's "MLP dim" (SwiGLU width).
 MODEL_SIZES = {
@@ -73,41 +66,3 @@ TABLE4_TFLOPS = {  # forward TFLOPs at batch 1: {sequence length: TFLOPs}
     "1B": {256: 0.6, 4096: 12.8}, "3B": {256: 1.7, 4096: 33.0},
 }
 
-
-def _bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _json(text):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a JSON value such as [1, 2, 4], got {text!r}") from None
-
-
-def parse_settings(table, argv=None, description=None):
-    """Settings from the command line as --key=value (or --key value): table maps each key to
-    (default, help) or (default, help, type). The type is the default's (true/false for booleans,
-    JSON for lists and dicts, text for None); a bare --flag means true. --help lists every key; an
-    unknown one stops with a did-you-mean hint."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, (default, text, *kind) in table.items():
-        kind = kind[0] if kind else str if default is None else type(default)
-        kind = {bool: _bool, list: _json, dict: _json}.get(kind, kind)
-        extra = dict(nargs="?", const=True) if kind is _bool else {}
-        parser.add_argument(f"--{key}", type=kind, default=default, metavar="",
-                            help=f"{text} [{default}]", **extra)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        name = unknown[0].split("=")[0].lstrip("-")
-        close = difflib.get_close_matches(name, table, n=3)
-        hint = (f"; did you mean {' or '.join('--' + k for k in close)}?" if close
-                else "; --help lists them all")
-        parser.error(f"unknown setting {unknown[0]!r}{hint}")
-    return SimpleNamespace(**vars(args))

@@ -19,7 +19,7 @@ def one_thread():
 
 def raise_unfinished(result):
     """If a script run by a test died of NotImplementedError (an unfinished function of a course assignment,
-    course.py), raise that error here, so the test fails naming the function rather than with an exit code."""
+    course/course.py), raise that error here, so the test fails naming the function rather than with an exit code."""
     found = re.findall(r"^NotImplementedError: (.*)$", (result.stderr or "") + (result.stdout or ""), re.M)
     if result.returncode != 0 and found:
         raise NotImplementedError(found[-1])

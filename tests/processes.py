@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # what pretrain.py and finetune.py import: read once, by the server
 PRELOAD = ["torch", "torch.distributed.checkpoint", "torch.distributed.fsdp", "numpy", "model", "data", "train",
-           "distributed", "checkpoint", "sharded_checkpoint", "sample"]
+           "infra.distributed", "infra.checkpoint", "infra.sharded_checkpoint", "sample"]
 _server = None
 
 

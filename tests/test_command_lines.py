@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import vqgan
+from infra import vqgan_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the command is valid and starts work")
@@ -72,8 +73,8 @@ def checkpoints(tmp_path_factory):
     config = dict(vqgan.CONFIGS["toy"], hidden_channels=32, channel_mult=[1, 1, 1], z_channels=32,
                   num_embeddings=256, quantized_embed_dim=8)
     torch.manual_seed(0)
-    vqgan.save_pretrained(vqgan.VQGAN(config), folder / "tiny")
-    vqgan.save_pretrained(vqgan.VQGAN(dict(config, num_embeddings=65537, quantized_embed_dim=2)), folder / "huge")
+    vqgan_checkpoint.save_pretrained(vqgan.VQGAN(config), folder / "tiny")
+    vqgan_checkpoint.save_pretrained(vqgan.VQGAN(dict(config, num_embeddings=65537, quantized_embed_dim=2)), folder / "huge")
     return folder
 
 
@@ -145,7 +146,7 @@ RUNNABLE = "--vqgan {ckpt} --device cpu --num_workers 0 --out {out}"  # the rest
     ("images --input {images} --name d --device gpu", "--device gpu: not a device"),
     pytest.param("images --input {images} --name d --device cuda", "this machine has no CUDA GPU", marks=NO_GPU),
     ("video --input {images} --name d --stride 0", "--stride: must be at least 1"),
-    ("toyworld --root {empty} --vqgan {ckpt}", "is not a toy world (no meta.json): run python toyworld.py"),
+    ("toyworld --root {empty} --vqgan {ckpt}", "is not a toy world (no meta.json): run python toy/toyworld.py"),
     ("merge --out {empty} --name d", "no shards d-*-of-*.json in"),
     ("merge --out {shards} --name one", "need all 2 shards of one job to merge, found: one-00000-of-00002"),
     ("merge --out {shards} --name two", "shards two-00001-of-00002 have no complete .tokens file"),
@@ -179,7 +180,7 @@ def test_a_refusal_in_a_new_process_is_the_same_as_in_this_one(refuses):
     ("--seed one", "--seed: invalid int value: 'one'"),
 ])
 def test_toyworld_refuses_bad_input_with_one_line_and_writes_nothing(refuses, args, says):
-    refuses.run("toyworld.py", args, says)
+    refuses.run("toy/toyworld.py", args, says)
 
 
 @pytest.mark.parametrize("args, says", [
@@ -192,7 +193,7 @@ def test_toyworld_refuses_bad_input_with_one_line_and_writes_nothing(refuses, ar
     ("--out {out}", "--out is the folder of a student copy: name its assignment"),
 ])
 def test_course_refuses_bad_input_with_one_line_and_writes_nothing(refuses, args, says):
-    refuses.run("course.py", args, says)
+    refuses.run("course/course.py", args, says)
 
 
 @pytest.mark.parametrize("args, says", [

@@ -1,6 +1,6 @@
-"""course.py: student copies whose listed function bodies raise NotImplementedError, everything else intact; and
+"""course/course.py: student copies whose listed function bodies raise NotImplementedError, everything else intact; and
 its rule (a student copy fails exactly its assignment's marked tests, at the task), checked cheaply here and in
-full by CI (`python course.py --check all`)."""
+full by CI (`python course/course.py --check all`)."""
 import ast
 import importlib
 import inspect
@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-import course
+from course import course
 
 SOURCE = '''
 class Norm:
@@ -105,7 +105,7 @@ def marks_of(test_or_module):
 
 
 def test_a_student_copy_fails_its_marked_tests_at_the_task_and_passes_the_others(data_copy, tmp_path):
-    """course.py's rule on one assignment and a few of its tests (seconds; CI's `course.py --check all` runs every
+    """course/course.py's rule on one assignment and a few of its tests (seconds; CI's `course/course.py --check all` runs every
     test for every assignment): each test marked `data` fails with the assignment's NotImplementedError, the
     others pass."""
     report = tmp_path / "report.xml"

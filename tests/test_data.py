@@ -35,8 +35,8 @@ def test_sequence_builders_make_the_sequences_of_the_paper(tmp_path):
         assert (d < 20).all() or (d >= 20).all()
         g = _rows(data.generative_sequence(pairs, rng, n_pairs=4)).reshape(4, 2)  # "annotation, image"
         assert (g[:, 1] % 2 == 0).all() and (g[:, 0] == g[:, 1] + 1).all()
-        assert len(set(_rows(data.random_sequence(video, rng, n_images=16)))) == 16
-        assert len(data.single_image(video, rng)) == 4
+        assert len(set(_rows(data.random_sequence(video, 1, seed=0, n_images=16)))) == 16
+        assert len(data.single_image(video, 7, seed=0)) == 4
     assert len(set(d[:, 0])) == 8, "pairs of a sequence are distinct when the dataset is big enough"
     same = [data.SEQUENCE_BUILDERS["discriminative"](pairs, np.random.default_rng(7)) for _ in range(2)]
     assert np.array_equal(*same), "deterministic given the generator"
@@ -54,8 +54,22 @@ def test_draws_are_uniform_over_images_windows_and_pairs(tmp_path):
     assert abs((first < 20).mean() - 5 / 20) < 0.03 and len(np.unique(first)) == 20
     in_first = np.array([_rows(data.discriminative_sequence(pairs, rng, n_pairs=1))[0] < 20 for _ in range(n)])
     assert abs(in_first.mean() - 1 / 3) < 0.03
-    picked = np.bincount([_rows(data.single_image(images, rng))[0] for _ in range(n)], minlength=5) / n
-    assert np.abs(picked - 0.2).max() < 0.03  # the last image too
+
+
+@pytest.mark.data
+def test_single_images_come_once_per_epoch_in_a_new_order_each_epoch(tmp_path):
+    """Stage 1's stream: positions 0..N-1 show every image once (the last too), the next N again, in another
+    order; the same position and seed always give the same image, another seed another order."""
+    images = write_token_file(tmp_path / "images", "images", [[0, 50]], 50)
+    stream = [_rows(data.single_image(images, p, seed=3))[0] for p in range(200)]
+    epochs = np.array(stream).reshape(4, 50)
+    assert all(sorted(e) == list(range(50)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 4 and epochs[0].tolist() != list(range(50))
+    assert [_rows(data.single_image(images, p, seed=3))[0] for p in (70, 3, 70)] == [stream[70], stream[3], stream[70]]
+    assert [_rows(data.single_image(images, p, seed=4))[0] for p in range(50)] != stream[:50]
+    # LVM's random sequences are n consecutive images of that stream
+    r = _rows(data.random_sequence(images, 3, seed=3, n_images=16))
+    assert r.tolist() == stream[48:64]
 
 
 @pytest.mark.data
@@ -83,7 +97,7 @@ def test_pairs_and_images_repeat_only_when_there_are_too_few(tmp_path):
         d = _rows(data.discriminative_sequence(pairs, rng, n_pairs=n)).reshape(n, 2)
         assert (d[:, 0] % 2 == 0).all() and (d[:, 1] == d[:, 0] + 1).all()
         assert len(set(d[:, 0])) == n or n > 10
-        r = _rows(data.random_sequence(images, rng, n_images=n))
+        r = _rows(data.random_sequence(images, 0, seed=0, n_images=n))  # the first images of an epoch
         assert len(r) == n and (len(set(r)) == n or n > 6)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed
-from checkpoint import load_model
+from infra import distributed
+from infra.checkpoint import load_model
 from conftest import raise_unfinished
 from processes import run as processes_run
 from test_train import toy_images, write_tokens

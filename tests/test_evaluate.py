@@ -17,16 +17,17 @@ import torch
 from PIL import Image
 
 import evaluate
-import toyworld
+from toy import toyworld
 import vqgan
+from infra import vqgan_checkpoint
 from data import discriminative_sequence, generative_sequence, load_tokens, natural_sequence
-import features
+from infra import features
 from evaluate import (EvalConfig, eval_generation, eval_perplexity, eval_segmentation, eval_video, find_paired,
                       find_videos, read_pair)
-from features import I3DExtractor, InceptionExtractor, TinyExtractor
+from infra.features import I3DExtractor, InceptionExtractor, TinyExtractor
 from metrics import colors_to_classes, frechet_distance, inception_score, labels_from_colours, mean_iou, psnr, ssim
 from model import ModelArgs, Transformer
-from images import PALETTES
+from infra.images import PALETTES
 from vqgan import codes_per_image, images_to_tokens, tokens_to_images
 
 TINY = dict(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=512, max_seq_len=1024)
@@ -787,7 +788,7 @@ def test_perplexity_of_pairs_scores_both_orders_over_the_codebook(lvm, tmp_path)
 
 def save_for_the_command_line(lvm, tokenizer, folder):
     torch.save({"model": lvm.state_dict(), "model_args": dataclasses.asdict(lvm.args)}, folder / "ckpt.pt")
-    vqgan.save_pretrained(tokenizer, folder / "vq")
+    vqgan_checkpoint.save_pretrained(tokenizer, folder / "vq")
     return ["--model", str(folder / "ckpt.pt"), "--vqgan", str(folder / "vq")]
 
 

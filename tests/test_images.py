@@ -8,8 +8,9 @@ from PIL import Image
 import sample
 import tokenize_data
 import vqgan
+from infra import vqgan_checkpoint
 from data import load_tokens
-from images import PALETTES, read_annotation, read_image, square
+from infra.images import PALETTES, read_annotation, read_image, square
 from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -43,7 +44,7 @@ def files(tmp_path_factory):
 
 def write_models(root):
     torch.manual_seed(0)
-    vqgan.save_pretrained(vqgan.VQGAN(vqgan.CONFIGS["toy"]), root / "vqgan")  # 32x32 -> 16 codes of 512
+    vqgan_checkpoint.save_pretrained(vqgan.VQGAN(vqgan.CONFIGS["toy"]), root / "vqgan")  # 32x32 -> 16 codes of 512
     args = dict(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=512, max_seq_len=64)
     torch.save({"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args}, root / "ckpt.pt")
 

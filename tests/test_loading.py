@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+from infra import checkpoint
 import sample
 import vqgan
-from checkpoint import load_model, memory_needed, save_hf
+from infra import vqgan_checkpoint
+from infra.checkpoint import load_model, memory_needed, save_hf
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_float32_too_big_for_free_memory_loads_in_bfloat16_and_says_so(tmp_path,
 
 def test_a_model_that_cannot_fit_stops_sample_py_with_one_line(tmp_path, monkeypatch):
     folder, tokenizer = released(tmp_path / "hf", torch.bfloat16), tmp_path / "vq"
-    vqgan.save_pretrained(vqgan.VQGAN(vqgan.CONFIGS["toy"]), tokenizer)
+    vqgan_checkpoint.save_pretrained(vqgan.VQGAN(vqgan.CONFIGS["toy"]), tokenizer)
     monkeypatch.setattr(checkpoint, "free_memory", lambda device: memory_needed(LVM_LIKE, torch.bfloat16) // 3)
     with pytest.raises(SystemExit) as stop:
         sample.main(["--model", str(folder), "--vqgan", str(tokenizer), "--unconditional", "--device", "cpu",
@@ -85,7 +86,7 @@ def test_loading_peaks_at_the_model_plus_one_shard_not_two_copies(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from checkpoint import load_model, memory_needed
+        from infra.checkpoint import load_model, memory_needed
         from model import ModelArgs
         memory_needed(ModelArgs(), torch.float32)  # loads torch's meta-device kernels once (~70 MB of code)
         kb = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))

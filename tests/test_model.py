@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configs import MODEL_SIZES, STAGES, TABLE4_TFLOPS, TABLE7_PARAMS_M
-from checkpoint import load_model, rename, save_hf
+from infra.checkpoint import load_model, rename, save_hf
 from model import ModelArgs, Transformer, estimate_flops
 from train import configure_optimizer
 

@@ -9,9 +9,10 @@ from PIL import Image
 
 import sample
 import vqgan
+from infra import vqgan_checkpoint
 from bench import sample as bench_sample
-from checkpoint import load_model, save_hf
-from images import load_image, save_grid, to_uint8
+from infra.checkpoint import load_model, save_hf
+from infra.images import load_image, save_grid, to_uint8
 from model import ModelArgs, Transformer
 from sample import generate, sample_images, sample_next, window_start
 from vqgan import images_to_tokens, tokens_to_images
@@ -205,7 +206,7 @@ def test_load_model_reads_checkpoints_with_wrapper_prefixes_and_hf_directories(t
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     torch.manual_seed(0)
-    vqgan.save_pretrained(vqgan.VQGAN(vqgan.CONFIGS["toy"]), root / "vqgan")
+    vqgan_checkpoint.save_pretrained(vqgan.VQGAN(vqgan.CONFIGS["toy"]), root / "vqgan")
     args = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=512, max_seq_len=64)  # 4 images
     save_hf(Transformer(ModelArgs(**{**args, "vocab_size": 600})), root / "hf")  # 600 > 512 codes, as LVM's 8292
     torch.save({"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args}, root / "ckpt.pt")
@@ -219,7 +220,7 @@ def toy(tmp_path_factory):
 
 def tokens_of(toy, files):
     """[n, 16]: the tokens of image files, each image's its own (else the tests could not tell them apart)."""
-    tokens = images_to_tokens(vqgan.load_pretrained(toy / "vqgan", device="cpu"),
+    tokens = images_to_tokens(vqgan_checkpoint.load_pretrained(toy / "vqgan", device="cpu"),
                               torch.stack([load_image(f, 32) for f in files]))
     assert len(set(map(tuple, tokens.tolist()))) == len(files)
     return tokens
@@ -287,7 +288,7 @@ def write_video(path, n_frames):
 @pytest.mark.decoder
 @pytest.mark.tokenizer
 def test_images_tokens_round_trip_shapes(toy):
-    tokenizer = vqgan.load_pretrained(toy / "vqgan", device="cpu")
+    tokenizer = vqgan_checkpoint.load_pretrained(toy / "vqgan", device="cpu")
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     tokens = images_to_tokens(tokenizer, images)
     assert tokens.shape == (3, 16) and tokens.dtype == torch.long
@@ -300,7 +301,7 @@ def test_images_tokens_round_trip_shapes(toy):
 @pytest.mark.tokenizer
 @pytest.mark.inference
 def test_sample_images_for_prompts_and_unconditional(toy):
-    tokenizer = vqgan.load_pretrained(toy / "vqgan", device="cpu")
+    tokenizer = vqgan_checkpoint.load_pretrained(toy / "vqgan", device="cpu")
     model = load_model(toy / "hf")
     prompts = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
@@ -342,7 +343,7 @@ def test_cli_analogy_prompts_the_pairs_in_order_then_the_query_and_writes_what_f
     (prompt, seq), = calls
     assert torch.equal(prompt, tokens_of(toy, files).view(1, -1).expand(2, -1))
     # each sample's image is the tokens that follow the prompt, decoded
-    decoded = tokens_to_images(vqgan.load_pretrained(toy / "vqgan", device="cpu"), seq[:, 80:], 16)
+    decoded = tokens_to_images(vqgan_checkpoint.load_pretrained(toy / "vqgan", device="cpu"), seq[:, 80:], 16)
     assert seq.shape == (2, 96)
     for i in range(2):
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"sample{i:02d}_00.png")), to_uint8(decoded[i, 0]))

@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 
 import tokenize_data as td
-import toyworld
+from toy import toyworld
 import vqgan
+from infra import vqgan_checkpoint
 from conftest import raise_unfinished
 from data import generative_sequence, load_tokens, natural_sequence
-from images import PALETTES, read_annotation, read_image
+from infra.images import PALETTES, read_annotation, read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 64  # tokens per image of the small test tokenizer: 32x32 pixels, f = 4
@@ -32,13 +33,13 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     config = dict(vqgan.CONFIGS["toy"], hidden_channels=32, channel_mult=[1, 1, 1], z_channels=32,
                   num_embeddings=256, quantized_embed_dim=8)
-    vqgan.save_pretrained(vqgan.VQGAN(config), path)
+    vqgan_checkpoint.save_pretrained(vqgan.VQGAN(config), path)
     return path
 
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    return vqgan.load_pretrained(ckpt, device="cpu")
+    return vqgan_checkpoint.load_pretrained(ckpt, device="cpu")
 
 
 def cli(*args, env=None, **kw):

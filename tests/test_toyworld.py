@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import tokenize_data
-import toyworld
+from toy import toyworld
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_images=12, num_val_images=4, num_videos=2, num_val_videos=1, frames=16)
@@ -38,7 +38,7 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path, worl
 def test_command_line_writes_train_and_val_splits(tmp_path):
     out = tmp_path / "w"
     args = ["--num_images", "3", "--num_val_images", "2", "--num_videos", "1", "--num_val_videos", "1"]
-    r = subprocess.run([sys.executable, "toyworld.py", "--out", str(out), "--seed", "3", *args], cwd=ROOT,
+    r = subprocess.run([sys.executable, "toy/toyworld.py", "--out", str(out), "--seed", "3", *args], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for split, n in (("train", 3), ("val", 2)):

@@ -12,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+import data as data_files
 import finetune
 import pretrain
 import train
 from bench import train as bench_train
-from checkpoint import load_model
 from data import discriminative_sequence, load_tokens
+from infra.checkpoint import load_model
+from infra.settings import TrainingError, parse_config
 from train import learning_rate
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -68,32 +70,32 @@ def losses(out_dir, key="loss"):
 
 
 def test_defaults_are_table8_and_every_value_is_overridable():
-    c = train.parse_config([])
+    c = parse_config([], train.SETTINGS)
     assert (c.lr, c.min_lr, c.warmup_steps, c.max_steps, c.batch_size) == (1.5e-4, 1.5e-5, 2000, 125112, 8192)
     assert (c.beta1, c.beta2, c.weight_decay, c.images_per_seq * c.tokens_per_image) == (0.9, 0.95, 0.1, 256)
-    f = train.parse_config([], finetune.SETTINGS)
+    f = parse_config([], finetune.SETTINGS)
     assert (f.lr, f.min_lr, f.warmup_steps, f.batch_size, f.images_per_seq * f.tokens_per_image) == \
         (1.5e-5, 1.5e-6, 0, 512, 4096)
-    c = train.parse_config(["--size", "tiny", "--lr=2e-3", "--compile=false", "--resume", "--stage=pretrain-toy"])
+    c = parse_config(["--size", "tiny", "--lr=2e-3", "--compile=false", "--resume", "--stage=pretrain-toy"], train.SETTINGS)
     assert (c.size, c.lr, c.compile, c.resume, c.tokens_per_image) == ("tiny", 2e-3, False, True, 16)
 
 
 def test_unknown_setting_is_rejected_with_a_hint(capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_config(["--weight_decy=0.1"])
+        parse_config(["--weight_decy=0.1"], train.SETTINGS)
     assert e.value.code != 0
     assert "unknown setting '--weight_decy=0.1'; did you mean --weight_decay" in capsys.readouterr().err
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    c = train.parse_config([])
+    c = parse_config([], train.SETTINGS)
     schedule = lambda step, c: learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
     assert schedule(0, c) == pytest.approx(1.5e-4 / 2000)
     assert schedule(1999, c) == pytest.approx(1.5e-4)
     middle = 2000 + (125112 - 2000) // 2
     assert schedule(middle, c) == pytest.approx((1.5e-4 + 1.5e-5) / 2, rel=1e-4)
     assert schedule(125112, c) == pytest.approx(1.5e-5)
-    f = train.parse_config([], finetune.SETTINGS)
+    f = parse_config([], finetune.SETTINGS)
     assert schedule(0, f) == pytest.approx(1.5e-5)  # no warm-up in stage 2
 
 
@@ -110,9 +112,19 @@ def test_targets_are_the_next_tokens_and_the_last_position_is_ignored():
         assert np.array_equal(np.concatenate(targets)[:, :-1], tokens[:, 1:]) and (np.concatenate(targets)[:, -1] == -1).all()
 
 
+@pytest.mark.data
+def test_each_process_reads_its_own_slice_of_the_batch_and_token_ids_are_checked():
+    stream = lambda first, count: np.arange(first, first + count)[:, None].repeat(3, 1)  # sequence i: i, i, i
+    ranks = [train.rank_batch(stream, 40, 4, SimpleNamespace(rank=r), vocab_size=100) for r in range(2)]
+    assert [b[:, 0].tolist() for b in ranks] == [[40, 41, 42, 43], [44, 45, 46, 47]]
+    with pytest.raises(TrainingError, match="(?i)vocabulary"):
+        train.rank_batch(stream, 98, 4, SimpleNamespace(rank=0), vocab_size=100)
+
+
+@pytest.mark.data
 def test_images_are_read_once_per_epoch_and_ranks_read_different_images(data):
-    tokens = train.open_token_files(data["images"], train.parse_config([f"--tokens_per_image={S}"]))
-    get = pretrain.image_sequences(tokens, 1, seed=0)
+    tokens = data_files.open_token_files(data["images"], S)
+    get = data_files.image_stream(tokens, 1, seed=0)
     rank0, rank1 = get(0, 4), get(4, 4)  # one step of 8 sequences split over two ranks
     assert not {r.tobytes() for r in rank0} & {r.tobytes() for r in rank1}
     epoch = get(0, 256)
@@ -244,18 +256,17 @@ def test_sample_grid_without_vqgan_shows_token_ids(tmp_path, data):
 
 @pytest.mark.data
 def test_mixture_draws_each_kind_from_its_data_in_proportion(data):
-    c = train.parse_config([f"--tokens_per_image={S}"], finetune.SETTINGS)
-    datasets = train.open_token_files(",".join([data["video"], data["pairs"], data["images"]]), c)
+    datasets = data_files.open_token_files(",".join([data["video"], data["pairs"], data["images"]]), S)
     mix = finetune.parse_mix("natural:3,generative:1,random:0")
     assert mix == {"natural": 3.0, "generative": 1.0}
-    get = finetune.sequence_mixture(datasets, mix, images_per_seq=4, seed=0)
+    get = data_files.sequence_stream(datasets, mix, images_per_seq=4, seed=0)
     batch = get(0, 400)
     assert batch.shape == (400, 4 * S) and np.array_equal(get(10, 3), batch[10:13])
     annotation_first = (batch[:, S] - batch[:, 0]) % VOCAB == VOCAB - 1  # generative: annotation (+1), image
     assert 0.18 < annotation_first.mean() < 0.32  # 1/4 of the sequences
-    with pytest.raises(train.TrainingError, match="no file of --data is of kind images"):
-        finetune.sequence_mixture(datasets[:2], {"random": 1.0}, 4, 0)
-    with pytest.raises(train.TrainingError, match="unknown sequence kind 'videos'"):
+    with pytest.raises(TrainingError, match="no file of --data is of kind images"):
+        data_files.sequence_stream(datasets[:2], {"random": 1.0}, 4, 0)
+    with pytest.raises(TrainingError, match="unknown sequence kind 'videos'"):
         finetune.parse_mix("videos:1")
 
 

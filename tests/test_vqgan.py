@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import vqgan as bench_vqgan  # noqa: E402
 import vqgan  # noqa: E402
-import vqgan_train  # noqa: E402
+from infra import vqgan_checkpoint
+from tools import vqgan_train  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 TINY = dict(vqgan.CONFIGS["toy"], resolution=16, hidden_channels=32, channel_mult=[1, 2], z_channels=32,
@@ -50,7 +51,7 @@ def small_model(seed=0):
 
 @pytest.mark.tokenizer
 def test_loads_muse_checkpoint_and_reproduces_reference_outputs():
-    model = vqgan.load_pretrained(FIXTURES / "muse_vqgan_tiny", device="cpu")
+    model = vqgan_checkpoint.load_pretrained(FIXTURES / "muse_vqgan_tiny", device="cpu")
     expected = load_file(str(FIXTURES / "muse_vqgan_tiny" / "expected.safetensors"))
     with torch.no_grad():
         latents = model.latents(expected["pixels"])
@@ -93,7 +94,7 @@ def test_a_patch_codec_codes_each_patch_from_that_patch_alone():
 
 @pytest.mark.tokenizer
 def test_pca_and_kmeans_init_make_a_patch_codec_good_before_any_step():
-    import toyworld
+    from toy import toyworld
     images = torch.from_numpy(np.stack([toyworld.make_image(np.random.default_rng(i), 32)[k] for i in range(300)
                                         for k in ("images", "segmentation")])).permute(0, 3, 1, 2)
     model, gen = vqgan.VQGAN(dict(vqgan.CONFIGS["toy"], num_embeddings=128)), torch.Generator().manual_seed(0)
@@ -240,7 +241,7 @@ def test_diffusers_vqmodel_layout_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(
         _class_name="VQModel", block_out_channels=[32, 64], layers_per_block=1, latent_channels=32,
         num_vq_embeddings=64, vq_embed_dim=8, in_channels=3, norm_num_groups=8)))
-    loaded = vqgan.load_pretrained(tmp_path, device="cpu")
+    loaded = vqgan_checkpoint.load_pretrained(tmp_path, device="cpu")
     x = torch.rand(2, 3, 16, 16)
     assert torch.equal(loaded.encode(x), model.encode(x))
     torch.testing.assert_close(loaded.decode(model.encode(x)), model.decode(model.encode(x)))
@@ -248,15 +249,15 @@ def test_diffusers_vqmodel_layout_loads(tmp_path):
 
 def test_missing_checkpoint_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; pass a directory holding config.json"):
-        vqgan.load_pretrained(tmp_path / "no_such_dir")
+        vqgan_checkpoint.load_pretrained(tmp_path / "no_such_dir")
     with pytest.raises(FileNotFoundError, match="is not a VQGAN checkpoint"):
-        vqgan.load_pretrained(tmp_path)
+        vqgan_checkpoint.load_pretrained(tmp_path)
 
 
 def test_hub_id_without_huggingface_hub_says_how_to_download(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
     with pytest.raises(FileNotFoundError, match="huggingface_hub is not installed; download it by hand"):
-        vqgan.load_pretrained("Emma02/vqvae_ckpts")
+        vqgan_checkpoint.load_pretrained("Emma02/vqvae_ckpts")
 
 
 def train_args(data, out, steps, *extra):
@@ -280,7 +281,7 @@ def test_training_writes_a_loadable_checkpoint_and_resumes_exactly(tmp_path, cap
     assert unbroken[1]["d"] == 0 and unbroken[2]["d"] > 0  # the discriminator switches on at --disc_start
     assert "perceptual loss: OFF" in capsys.readouterr().out or vqgan_train.load_lpips("cpu") is not None
 
-    model = vqgan.load_pretrained(tmp_path / "b", device="cpu")
+    model = vqgan_checkpoint.load_pretrained(tmp_path / "b", device="cpu")
     assert model.config["num_embeddings"] == 64 and model.downsample_factor == 2
     assert model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 64)
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -301,7 +302,7 @@ def test_palette_survival_counts_pixels_still_nearest_to_their_colour():
 
 
 def test_cli_reports_a_missing_image_folder_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "vqgan_train.py"), "--data", str(tmp_path / "nothing"),
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "vqgan_train.py"), "--data", str(tmp_path / "nothing"),
                         "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("error: image folder") and "does not exist" in r.stderr

@@ -6,7 +6,6 @@ On a 2x2 (data, fsdp) mesh, train.train must give the losses of plain PyTorch on
 split over the fsdp axis, one compiled step reused every step, and sharded checkpoints (each device's shard,
 through torch_xla's planners) that resume on XLA or on the CPU."""
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,11 +14,12 @@ import torch_xla
 import torch_xla.debug.metrics as met
 import torch_xla.distributed.spmd as xs
 
-import distributed
-import pretrain
+import data
 import train
-from checkpoint import load_model
 from configs import MODEL_SIZES
+from infra import distributed
+from infra.checkpoint import load_model
+from infra.settings import parse_config
 from model import ModelArgs, Transformer
 from train import configure_optimizer
 
@@ -32,11 +32,11 @@ torch.set_num_threads(1)  # the plain-CPU reference: the tiny model's operations
 
 def settings(out_dir, *extra):
     """tiny, 6 steps of 16 sequences = 2 accumulated micro-batches of 8 (XLA: 2 per device x 4 devices)."""
-    return train.parse_config(["--size=tiny", "--stage=pretrain-toy", f"--tokens_per_image={S}",
+    return parse_config(["--size=tiny", "--stage=pretrain-toy", f"--tokens_per_image={S}",
                                   "--batch_size=16", "--micro_batch_size=2", "--max_steps=6", "--warmup_steps=2",
                                   "--log_interval=1", "--eval_interval=3", "--eval_iters=1", "--num_samples=0",
                                   "--export_hf=false", "--dtype=float32", "--device=xla", "--xla_fsdp=2",
-                                  f"--out_dir={out_dir}", *extra])
+                                  f"--out_dir={out_dir}", *extra], train.SETTINGS)
 
 
 ON_CPU = ("--device=cpu", "--micro_batch_size=8")
@@ -46,8 +46,8 @@ def batches(seed, log=None):
     """Learnable toy images held in memory (the loop only needs get(first, count)); log records, at each call,
     how many XLA graphs have been compiled so far."""
     base = np.random.default_rng(seed).integers(0, 500, size=(256, 1))
-    data = SimpleNamespace(tokens=(base + np.arange(S)[None] // 4).astype(np.uint16))
-    get = pretrain.image_sequences([data], 1, seed)
+    images = data.TokenData((base + np.arange(S)[None] // 4).astype(np.uint16), {"groups": []})
+    get = data.image_stream([images], 1, seed)
 
     def logged(first, count):
         if log is not None:

@@ -1,19 +1,14 @@
 """
 Where training runs: one CPU or GPU, several GPUs under torchrun (DDP, or FSDP2 for models too big
-to replicate), or a TPU pod through torch_xla SPMD. The training loop in pretrain.py calls these few
+to replicate), or a TPU pod through torch_xla SPMD. The training loop (train.py) calls these few
 functions and otherwise never asks which of them it is on:
 
-    # choose the device; join the process group or build the XLA mesh
-    env = setup("auto", parallel="ddp")
-    # move to the device; DDP / fully_shard / SPMD shardings; compile
-    model = wrap_model(raw_model, env)
-    # XLA: trace one whole optimizer step into a single graph
-    step_fn = trace(step_fn, env)
-    # numpy -> device tensors (XLA: sharded over the batch dimension)
-    x = to_device(micro_batches, env)
-    # whole tensors on the main process, for a ckpt.pt (unless sharded(env): FSDP2 and SPMD runs
-    # write shards, sharded_checkpoint.py)
-    model_state, optim_state = full_state(raw_model, optimizer, env)
+    env = setup_run(config)                # the device, the process group or XLA mesh, the dtype
+    model = wrap_model(model, env)         # to the device; DDP / fully_shard / SPMD; compile
+    step_fn = trace(step_fn, env)          # XLA: one whole optimizer step as a single graph
+    x = to_device(micro_batches, env)      # numpy -> device tensors (XLA: sharded over the batch)
+    model_state, optim_state = full_state(model, optimizer, env)  # whole tensors for a ckpt.pt
+                                           # (FSDP2 and SPMD runs write shards instead)
 
 Under SPMD one process drives all the devices of its host: the mesh has a 'data' and an 'fsdp' axis,
 each parameter is split along the fsdp axis (FSDP style) and each batch along both axes, and XLA
@@ -21,11 +16,13 @@ inserts the collectives.
 """
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from infra.settings import TrainingError
 
 
 @dataclass
@@ -37,6 +34,8 @@ class Env:
     world_size: int = 1
     local_devices: int = 1  # devices this process drives: 1, or every device of the host under SPMD
     mesh: object = None  # the XLA SPMD mesh, or the torch DeviceMesh of FSDP2
+    dtype: str = "float32"  # the compute dtype: float32, or bfloat16 under autocast
+    autocast: object = field(default_factory=contextlib.nullcontext)  # entered around each forward
 
     @property
     def is_main(self):
@@ -101,6 +100,19 @@ def setup(device="auto", parallel="ddp", xla_fsdp=0):
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device, (world_size,))
     return Env(dev, device, parallel, rank, world_size, mesh=mesh)
+
+
+def setup_run(config):
+    """setup() for a training run's --device, --parallel and --xla_fsdp, with its compute dtype:
+    bfloat16 autocast on accelerators, float32 on a CPU, unless --dtype says."""
+    try:
+        env = setup(config.device, config.parallel, config.xla_fsdp)
+        cpu = env.device_type == "cpu"
+        env.dtype = config.dtype if config.dtype != "auto" else "float32" if cpu else "bfloat16"
+        env.autocast = autocast(env, env.dtype)
+    except (ValueError, RuntimeError, ImportError) as e:
+        raise TrainingError(str(e)) from e
+    return env
 
 
 def _setup_xla(xla_fsdp):

@@ -20,13 +20,15 @@ import torch
 
 import evaluate
 import vqgan
-from checkpoint import load_model
-from images import save_panels, save_plot
+from infra import vqgan_checkpoint
+from infra.checkpoint import load_model
+from infra.images import save_panels, save_plot
 
 
 def _models(out, p, model_dir):
     device = torch.device(p["device"])
-    return vqgan.load_pretrained(out / "vqgan", device), load_model(model_dir / "ckpt.pt", device)
+    return (vqgan_checkpoint.load_pretrained(out / "vqgan", device),
+            load_model(model_dir / "ckpt.pt", device))
 
 
 def scale(out, p, _demo, toy):
@@ -122,9 +124,9 @@ def long_video(out, p, demo, toy):
     context (16 frames), the window sliding image by image; PSNR per frame against repeating the
     last frame, the copyable cells right, and the frames."""
     frames, world = 4 * 16, out / "world-long"
-    toy.run([sys.executable, "toyworld.py", "--out", str(world), "--seed", "0", "--num_images=0",
-         "--num_val_images=0", "--num_videos=0", f"--num_val_videos={p['long_videos']}",
-         f"--frames={frames}"], world)
+    toy.run([sys.executable, str(toy.ROOT / "toy" / "toyworld.py"), "--out", str(world), "--seed", "0",
+             "--num_images=0", "--num_val_images=0", "--num_videos=0",
+             f"--num_val_videos={p['long_videos']}", f"--frames={frames}"], world)
     vq, model = _models(out, p, demo)
     cfg = evaluate.EvalConfig(clip_frames=frames, out=str(out / "eval_long_video"),
                               grid_frame_step=3, grid_rows=6)

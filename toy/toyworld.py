@@ -4,7 +4,7 @@ miniature, so that the whole method (VQ-GAN, single-image pre-training, sequence
 in-context evaluation) can be trained and checked on a CPU in minutes. It is to LVM-Lite what
 shakespeare_char is to nanoGPT.
 
-    python toyworld.py --out data/toyworld --seed 0  # small PNGs, deterministic given --seed
+    python toy/toyworld.py --out data/toyworld --seed 0  # small PNGs, deterministic given --seed
 
 What is in it (all 32x32 RGB PNG; a toy tokenizer reads it as 4x4 cells of 8x8 pixels, one token
 each):
@@ -56,7 +56,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from images import PALETTES
+if __package__ in (None, ""):  # run as `python toy/toyworld.py`: import from the repository
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from infra.images import PALETTES
 
 CLASSES = ("background", "square", "circle", "triangle")
 # segmentation colours, index = class; flat and far apart so a nearest-colour read-out of a decoded

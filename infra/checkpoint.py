@@ -1,29 +1,31 @@
 """
-Checkpoints: the one way from a file to a model, and the two ways back.
+Checkpoints: the one way from a file to a model, the two ways back, and a training run's saves.
 
-    model = load_model("out/finetune")          # a ckpt.pt of our training, a sharded one
-                                                # (sharded_checkpoint.py), or their out_dir
-    model = load_model("LVM_ckpts/7b")          # a Hugging Face LlamaForCausalLM directory: LVM's
-    7B,
-                                                # DeLVM's 300M / 1B, or our own export
-    save_checkpoint("out/ckpt.pt", state)       # atomic: a crash mid-write leaves the previous file
-    save_hf(model, "out/hf")                    # a directory transformers' from_pretrained reads
+    # a ckpt.pt of our training, a sharded one (sharded_checkpoint.py), or the out_dir of either
+    model = load_model("out/finetune")
+    # a Hugging Face LlamaForCausalLM directory: LVM's 7B, DeLVM's 300M / 1B, or our own export
+    model = load_model("LVM_ckpts/7b")
+    save_checkpoint("out/ckpt.pt", state)  # atomic: a crash mid-write leaves the previous file
+    save_hf(model, "out/hf")               # a directory transformers' from_pretrained reads
 
 A training checkpoint (ckpt.pt) is a dict of tensors and plain values, loaded with weights_only (a
 checkpoint must never run code): model (the state dict), model_args (ModelArgs as a dict), and for
 resuming optimizer, step, data_position, config and rng (every rank's). Runs whose weights are
 split over devices write sharded checkpoints instead, a folder of shards (sharded_checkpoint.py).
-Errors are FileNotFoundError (nothing there) or ValueError (something there, but not a checkpoint
-of this model), each one line.
+Loading errors are FileNotFoundError (nothing there) or ValueError (something there, but not a
+checkpoint of this model), each one line; a training run's (resume, save) are TrainingError.
 """
 import json
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-import sharded_checkpoint
+from configs import MODEL_SIZES
+from infra import distributed, sharded_checkpoint
+from infra.settings import TrainingError
 from model import ModelArgs, Transformer
 
 # (Hugging Face name, our name); "{}" is the layer index. HF gate/up/down = our w1/w3/w2
@@ -197,6 +199,102 @@ def save_checkpoint(path, checkpoint):
         tmp.unlink(missing_ok=True)  # e.g. a full disk: give back the space the part took
         raise
     os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# a training run's checkpoints (train.py calls these by name): what it resumes from, what it saves
+
+
+def resume_checkpoint(out_dir):
+    """out_dir's newest checkpoint: a ckpt.pt's whole dict, or a sharded one's small values (its
+    tensors are read by resume(), each process its part)."""
+    try:
+        return load_checkpoint(out_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainingError(f"{e} (--resume continues a run written to --out_dir)") from e
+
+
+def model_args(config, saved, init):
+    """The model to train: the checkpoint's when resuming (it must be the one asked for), else
+    init's (stage 2), else --size's."""
+    wanted = (init.args if init is not None
+              else ModelArgs(**MODEL_SIZES[config.size]) if config.size else None)
+    if saved is None:
+        return wanted
+    args = ModelArgs(**saved["model_args"])
+    if wanted is not None and wanted != args:
+        diff = ", ".join(f"{k}={v} (asked: {getattr(wanted, k)})"
+                         for k, v in saved["model_args"].items() if getattr(wanted, k) != v)
+        raise TrainingError(f"the checkpoint in {config.out_dir} holds a different model: {diff}; "
+                            "pass the --size it was trained with or another --out_dir")
+    return args
+
+
+def load_start(model, saved, init):
+    """The weights training starts from, before they are split over devices: a ckpt.pt's when
+    resuming, else init's (stage 2); a sharded checkpoint's are read later, by resume()."""
+    start = saved.get("model") if saved else init.state_dict() if init is not None else None
+    if start is not None:
+        model.load_state_dict(start)
+
+
+def resume(saved, model, optimizer, env, out_dir):
+    """Optimizer state and RNG from the checkpoint (and a sharded one's weights); metrics logged
+    after it are dropped (they are redone). Returns (step, data position)."""
+    if "shards" in saved:  # each process reads the part it holds, in whatever layout this run has
+        try:
+            sharded_checkpoint.load(saved["shards"], model, optimizer, env)
+        except ValueError as e:
+            raise TrainingError(f"{e} (--resume continues a run written to --out_dir)") from e
+    else:  # whole tensors, split like the parameters
+        distributed.load_optimizer_state(optimizer, saved["optimizer"], env)
+    distributed.set_rng_state(saved["rng"], env)
+    metrics = Path(out_dir) / "metrics.jsonl"
+    if env.is_main and metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines()
+                if json.loads(line)["step"] <= saved["step"]]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    return saved["step"], saved["data_position"]
+
+
+def save(model, optimizer, env, config, step, data_position, saved_step):
+    """This step's checkpoint, of the kind the layout calls for: shards written by every process
+    where the weights are split (FSDP2, SPMD: nothing is gathered), else one ckpt.pt written by the
+    main process. Every process calls it; it returns step, now the last saved. A save that fails (a
+    full disk) stops training with one line and leaves the previous checkpoint as it was."""
+    out_dir = Path(config.out_dir)
+    meta = dict(model_args=asdict(model.args), step=step, data_position=data_position,
+                config=vars(config))
+    try:
+        if distributed.sharded(env):
+            sharded_checkpoint.save(out_dir, model, optimizer, meta, env)
+            return step
+        model_state, optim_state = distributed.full_state(model, optimizer, env)
+        rng = distributed.rng_states(env)
+        if env.is_main:
+            save_checkpoint(out_dir / "ckpt.pt", dict(model=model_state, optimizer=optim_state,
+                                                      rng=rng, **meta))
+            sharded_checkpoint.remove(out_dir)  # an earlier FSDP2 run's, now older than ckpt.pt
+    except OSError as e:
+        raise TrainingError(f"could not save the checkpoint of step {step} in {out_dir} "
+                            f"({type(e).__name__}: {e}); {last_good(out_dir, saved_step)}. Free "
+                            "disk space (or pass another --out_dir), then --resume") from e
+    return step
+
+
+def last_good(out_dir, saved_step):
+    """What a stopped run leaves to --resume from."""
+    if saved_step is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint {find_checkpoint(out_dir)} (step {saved_step}) is untouched"
+
+
+def export_hf(out_dir):
+    """At the end of training: the final checkpoint's weights in the Hugging Face LLaMA layout, in
+    out_dir/hf. The main process reads them from disk, so a sharded run gathers nothing."""
+    save_hf(load_model(out_dir), Path(out_dir) / "hf")
+    print(f"exported the final model to {Path(out_dir) / 'hf'} (Hugging Face LlamaForCausalLM "
+          "layout)")
 
 
 # -----------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 Course assignments built from this repository: a student copy in which the functions of an assignment have their
 bodies replaced by `raise NotImplementedError`, graded by the project's own tests.
 
-    python course.py --list                                   # the assignments
-    python course.py decoder --out ../lvm-lite-decoder        # a student copy for one assignment (or: all)
-    python course.py --check decoder                          # its marked tests fail at the task, the others pass
+    python course/course.py --list                                   # the assignments
+    python course/course.py decoder --out ../lvm-lite-decoder        # a student copy for one assignment (or: all)
+    python course/course.py --check decoder                          # its marked tests fail at the task, the others pass
 
 A student copy is a fresh tree (no git history, so no solution to recover) with a handout HANDOUT_<name>.md per
 assignment. Grading: `python -m pytest -q -m <name>` in the copy; each test that needs an unfinished function
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository the student copies are made from
 
 # Each assignment: its pytest marker is its key. functions: "file:qualified.name" -> what to implement.
 ASSIGNMENTS = {
@@ -53,14 +53,16 @@ ASSIGNMENTS = {
         milestone="a tokenizer trains on the toy world: `python run_toy.py --quick` prints its held-out PSNR"),
     "data": dict(
         title="The data of the two stages: the sequence builders and the next-token targets",
-        paper="2.2 (single images), 2.3 (natural, discriminative, generative sequences), the second equation "
-              "(the autoregressive loss over m = 1 .. L-1)",
+        paper="2.2 (single images, every one once per epoch), 2.3 (natural, discriminative, generative "
+              "sequences), the second equation (the autoregressive loss over m = 1 .. L-1)",
         functions={
-            "data.py:single_image": "one random image (stage 1)",
+            "data.py:epoch_order": "a random order of all images, drawn anew for each epoch",
+            "data.py:single_image": "image `position` of the stage-1 stream: every image once per epoch",
             "data.py:natural_sequence": "n consecutive frames of one video",
             "data.py:discriminative_sequence": "n 'image, annotation' pairs of one dataset",
             "data.py:generative_sequence": "n 'annotation, image' pairs: the discriminative order inverted",
-            "data.py:random_sequence": "n unrelated images (the ablation)",
+            "data.py:random_sequence": "n unrelated images (LVM's sequences, the ablation): n images of the stream",
+            "train.py:rank_batch": "this process's slice of the step's batch, token ids checked",
             "train.py:micro_batches": "inputs and next-token targets (shifted by one, the last ignored)",
         },
         graded_by="sequences and targets of hand-built token files",
@@ -71,8 +73,8 @@ ASSIGNMENTS = {
         paper="2.1 (generation: top-K sampling at temperature T), 2.4 and A.2 (prompts; the segmentation "
               "map read by the nearest palette colour; mIoU)",
         functions={
-            "sample.py:sample_next": "softmax(logits / T) over the top-k largest (argmax when T ~ 0), drawn "
-                                     "by the exponential race",
+            "sample.py:next_token_probabilities": "softmax(logits / T) over the top-k largest image codes",
+            "sample.py:sample_next": "the argmax when T ~ 0, else a draw by the exponential race",
             "sample.py:generate": "prefill the cache, then one token per step; slide the window image by image",
             "metrics.py:colors_to_classes": "the nearest palette colour of each pixel",
             "metrics.py:confusion_matrix": "counts of (true class, predicted class) over the labelled pixels",
@@ -190,7 +192,7 @@ def main(argv=None):
         p.error("--check NAME grades a copy of its own: give it no assignment and no --out")
     if a.out and not a.assignment:
         p.error("--out is the folder of a student copy: name its assignment, e.g. "
-                "python course.py data --out DIR")
+                "python course/course.py data --out DIR")
     if a.list or not (a.assignment or a.check):
         for name, spec in ASSIGNMENTS.items():
             print(f"{name:10s} {spec['title']}\n{'':10s} {', '.join(spec['functions'])}")

@@ -4,8 +4,9 @@ tokens as the eager loop (a test checks it, token for token); only how fast they
 
 - the decode step, model and sampling, is compiled once per process with fixed shapes: CUDA graphs
   on a GPU (one replay per token instead of hundreds of kernel launches), generated C++ on a CPU;
-- sampling runs inside the graph: the Exp(1) noise of sample_next's exponential race is drawn
-  outside, from the caller's generator and in the order the eager loop draws it;
+- sampling runs inside the graph (sample.next_token_probabilities, then the exponential race); the
+  race's Exp(1) noise is drawn outside, from the caller's generator and in the order the eager loop
+  draws it;
 - the key/value cache is rounded up to a multiple of 256 tokens and kept between calls, so nearby
   lengths reuse one graph (and its CUDA graphs); the causal mask hides the extra slots;
 - the guards (the checks that a call still fits the compiled graph) run on each call's first step
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 CACHE_ROUNDING = 256
-_compiled = {}  # step function -> its compiled version, built once per process
+_compiled = {}  # the compiled decode step, built once per process
 
 
 class MatVecLinear(nn.Linear):
@@ -56,21 +57,38 @@ def num_candidates(vocab_size, top_k, codebook_size):
     return min(top_k, allowed) if top_k else allowed
 
 
-def compile_step(step, device):
-    """step compiled once per process: CUDA graphs on GPU, the C++ wrapper on CPU; fixed shapes."""
-    if step not in _compiled:
+def decode_step(probabilities):
+    """sample.decode_one_token with the exponential race's Exp(1) draws passed in as noise (None:
+    greedy), for probabilities = sample.next_token_probabilities: what is compiled."""
+    def step(model, token, input_pos, noise, temperature, top_k, codebook_size):
+        logits = model(token, input_pos=input_pos)[0][:, -1]
+        if noise is None:
+            return logits[:, :codebook_size].argmax(-1)
+        probs, ids = probabilities(logits, temperature, top_k, codebook_size)
+        choice = (probs / noise).argmax(-1)
+        return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+    return step
+
+
+def compile_step(probabilities, device):
+    """The decode step compiled once per process: CUDA graphs on GPU, the C++ wrapper on CPU; fixed
+    shapes."""
+    if probabilities not in _compiled:
         how = (dict(mode="reduce-overhead") if device.type == "cuda"
                else dict(options={"cpp_wrapper": True}))
-        _compiled[step] = torch.compile(step, fullgraph=True, dynamic=False, **how)
-    return _compiled[step]
+        _compiled[probabilities] = torch.compile(decode_step(probabilities), fullgraph=True,
+                                                 dynamic=False, **how)
+    return _compiled[probabilities]
 
 
 class CompiledStep:
-    """A decode step of step's signature, step(model, token [B, 1], input_pos [1], temperature,
-    top_k, codebook_size, generator) -> the next token [B], run compiled; one per generate call."""
+    """A decode step of sample.decode_one_token's signature, (model, token [B, 1], input_pos [1],
+    temperature, top_k, codebook_size, generator) -> the next token [B], run compiled; one per
+    generate call."""
 
-    def __init__(self, step, device, stack):
-        self.compiled, self.device, self.stack = compile_step(step, device), device, stack
+    def __init__(self, probabilities, device, stack):
+        self.compiled, self.device = compile_step(probabilities, device), device
+        self.stack = stack
         self.noise, self.guarded = None, True
 
     def __call__(self, model, token, input_pos, temperature=1.0, top_k=100, codebook_size=None,
@@ -82,8 +100,8 @@ class CompiledStep:
                 self.noise = torch.empty(token.shape[0], n, device=self.device)
             noise = self.noise.exponential_(1, generator=generator)
         # a copy: a CUDA graph overwrites its output when it replays
-        token = self.compiled(model, token, input_pos, temperature=temperature, top_k=top_k,
-                              codebook_size=codebook_size, noise=noise).clone()
+        token = self.compiled(model, token, input_pos, noise, temperature, top_k,
+                              codebook_size).clone()
         if self.guarded:  # this first step checked the guards; the rest of the call skips them
             self.stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
             self.guarded = False
@@ -91,9 +109,9 @@ class CompiledStep:
 
 
 @contextlib.contextmanager
-def compiled_step(model, batch_size, length, step):
+def compiled_step(model, batch_size, length, probabilities):
     """For one generate call of `length` tokens: the cache (rounded up, kept for the next call) and
-    the CompiledStep of step."""
+    the CompiledStep that samples from probabilities (sample.next_token_probabilities)."""
     device, dtype = model.output.weight.device, model.output.weight.dtype
     length = min(model.args.max_seq_len, math.ceil(length / CACHE_ROUNDING) * CACHE_ROUNDING)
     kv = model.layers[0].attention.kv_cache
@@ -102,4 +120,4 @@ def compiled_step(model, batch_size, length, step):
     with contextlib.ExitStack() as stack:  # on leaving: guards on again, the Linears restored
         if device.type == "cpu":
             stack.enter_context(matvec_linears(model))
-        yield CompiledStep(step, device, stack)
+        yield CompiledStep(probabilities, device, stack)

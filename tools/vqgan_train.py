@@ -3,10 +3,10 @@ Training a VQ-GAN tokenizer from scratch on a folder of images (vqgan.py holds t
 trains): L1 or L2 reconstruction + LPIPS (when its weights are on disk) + the VQ codebook and
 commitment terms + a PatchGAN hinge loss with taming's adaptive weight, and the usual cures for
 codebook collapse (data-dependent initialisation, dead-code restarts). Writes checkpoints that
-vqgan.load_pretrained reads, and resumes exactly.
+infra/vqgan_checkpoint.py reads, and resumes exactly.
 
-    python vqgan_train.py --data data/toyworld/train --val_data data/toyworld/val --config toy \\
-        --out_dir out/vqgan_toy
+    python tools/vqgan_train.py --data data/toyworld/train --val_data data/toyworld/val \\
+        --config toy --out_dir out/vqgan_toy
 Any model config field can be overridden as --field=value (e.g. --num_embeddings=1024).
 Measure a tokenizer (PSNR, codebook usage, palette-colour survival; encode speed): bench/vqgan.py.
 """
@@ -20,11 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configs import parse_settings
-from images import load_images, save_grid
+if __package__ in (None, ""):  # run as `python tools/vqgan_train.py`: import from the repository
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from infra.settings import parse_settings
+from infra.images import load_images, save_grid
 from metrics import psnr
 from train import learning_rate
-from vqgan import CONFIGS, EXTRA_FIELDS, VQGAN, load_pretrained, save_pretrained
+from vqgan import CONFIGS, EXTRA_FIELDS, VQGAN
+from infra.vqgan_checkpoint import load_pretrained, save_pretrained
 
 STATE_FILE = "training_state.pt"  # discriminator, optimizers, RNG, step: what resuming needs
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-import distributed
+from infra import distributed
 from model import Transformer
 
 LATEST = "latest"

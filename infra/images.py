@@ -47,7 +47,7 @@ PALETTES = {
                             [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
                             [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100],
                             [0, 0, 230], [119, 11, 32]], dtype=np.uint8),
-    # the toy world (toyworld.py): background, square, circle, triangle; flat and far apart
+    # the toy world (toy/toyworld.py): background, square, circle, triangle; flat and far apart
     "toy": np.array([[0, 0, 0], [255, 40, 40], [40, 220, 40], [40, 90, 255]], dtype=np.uint8),
 }
 # value of class 0 in a class-index PNG: ADE20K stores 0 = unlabeled, class c as c + 1

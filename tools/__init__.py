@@ -1,0 +1,1 @@
+"""Tools beside the method: training a VQ-GAN tokenizer from scratch."""
