@@ -15,7 +15,7 @@ Pairs rows alternate image, annotation, image, annotation, ...
     # int64 [16 * S]
     seq = SEQUENCE_BUILDERS["discriminative"](data, np.random.default_rng(0), n_pairs=8)
 
-The builders are the sequences of the paper: single (stage 1, 2.2: one image), natural
+The builders are the sequences of the paper: single (stage 1, 2.2: one image each), natural
 (16 frames of a video), discriminative (8 "image, annotation" pairs of one dataset), generative
 (8 "annotation, image" pairs; all 2.3) and random (16 unrelated images: LVM's sequences, the
 baseline of Tables 4 and 5). The streams at the end are what training reads (the batch contract).
@@ -80,12 +80,17 @@ def epoch_order(num_images, seed, epoch):
     return order.astype(np.uint32 if num_images < 2**32 else np.int64)
 
 
-def single_image(data, position, seed):
-    """Stage 1: one image, N = 1. Image `position` of an endless stream that shows every image once
-    per epoch, each epoch in a new random order (epoch_order), so a run sees all its images equally
-    often and the same position always gives the same image."""
-    epoch, index = divmod(position, len(data))
-    return data.tokens[epoch_order(len(data), seed, epoch)[index]].astype(np.int64)
+def single_images(data, first, count, seed):
+    """Stage 1: single images, N = 1. Images first .. first+count-1 of an endless stream that shows
+    every image once per epoch, each epoch in a new random order (epoch_order): a run sees all its
+    images equally often, and a position always gives the same image. int64 [count, S]."""
+    positions = np.arange(first, first + count)
+    epochs, index = np.divmod(positions, len(data))
+    rows = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(epochs):  # a batch may cross into the next epoch
+        here = epochs == epoch
+        rows[here] = epoch_order(len(data), seed, int(epoch))[index[here]]
+    return data.tokens[rows].astype(np.int64)
 
 
 def natural_sequence(data, rng, n_images=16):
@@ -118,13 +123,12 @@ def generative_sequence(data, rng, n_pairs=8):
 
 
 def random_sequence(data, position, seed, n_images=16):
-    """n_images unrelated images (LVM's sequences; the baseline of Tables 4 and 5): the single
-    images at positions position * n_images ... of single_image's stream."""
-    first = position * n_images
-    return np.concatenate([single_image(data, first + i, seed) for i in range(n_images)])
+    """n_images unrelated images (LVM's sequences; the baseline of Tables 4 and 5): sequence
+    `position` of single_images' stream cut into n_images-image pieces."""
+    return single_images(data, position * n_images, n_images, seed).reshape(-1)
 
 
-SEQUENCE_BUILDERS = {"single": single_image, "natural": natural_sequence,
+SEQUENCE_BUILDERS = {"single": single_images, "natural": natural_sequence,
                      "discriminative": discriminative_sequence,
                      "generative": generative_sequence, "random": random_sequence}
 
@@ -140,9 +144,12 @@ class JoinedTokens:
     def __len__(self):
         return int(self.starts[-1])
 
-    def __getitem__(self, row):
-        part = int(np.searchsorted(self.starts, row, side="right")) - 1
-        return self.parts[part][row - self.starts[part]]
+    def __getitem__(self, rows):  # an array of row numbers
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), self.parts[0].shape[1]), dtype=self.parts[0].dtype)
+        for p in np.unique(part):
+            out[part == p] = self.parts[p][rows[part == p] - self.starts[p]]
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -193,15 +200,15 @@ def open_train_and_val(train_prefixes, val_prefixes, tokens_per_image):
 
 
 def image_stream(datasets, images_per_seq, seed):
-    """Stage 1's stream: sequence i is single_image's images i*n .. i*n+n-1 over all the files'
+    """Stage 1's stream: sequence i is single_images' images i*n .. i*n+n-1 over all the files'
     images (n = images_per_seq: 1 in the paper, 16 for LVM's random sequences, Table 4's
     baseline). Every image is read once per epoch; no two processes read one image in a step."""
     data = datasets[0] if len(datasets) == 1 else TokenData(JoinedTokens(datasets),
                                                              dict(datasets[0].meta, groups=[]))
 
     def stream(first, count):
-        return np.stack([random_sequence(data, i, seed, images_per_seq)
-                         for i in range(first, first + count)])
+        return single_images(data, first * images_per_seq, count * images_per_seq,
+                             seed).reshape(count, -1)
 
     return stream
 

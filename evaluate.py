@@ -610,11 +610,11 @@ def eval_perplexity(model, tokens, cfg=EvalConfig()):
     out = {}
     for name in SEQUENCES[kind]:
         if name == "single":  # the first n images of the stage-1 stream: n different images
-            seqs = [SEQUENCE_BUILDERS[name](data, i, cfg.seed) for i in range(n)]
+            seqs = SEQUENCE_BUILDERS[name](data, 0, n, cfg.seed)
         else:
             kwargs = dict(n_images=n_images) if name == "natural" else dict(n_pairs=n_images // 2)
-            seqs = [SEQUENCE_BUILDERS[name](data, rng, **kwargs) for _ in range(n)]
-        seqs = torch.from_numpy(np.stack(seqs))
+            seqs = np.stack([SEQUENCE_BUILDERS[name](data, rng, **kwargs) for _ in range(n)])
+        seqs = torch.from_numpy(seqs)
         nll, correct = 0.0, 0
         for i in tqdm(range(0, n, cfg.batch_size), desc=f"perplexity {name}", unit="batch"):
             x = seqs[i:i + cfg.batch_size].to(device)

@@ -5,7 +5,7 @@ Read top to bottom: ModelArgs -> RMSNorm -> rotary embeddings -> the key/value c
 FeedForward (SwiGLU) -> TransformerBlock -> Transformer, then the paper's FLOP count (Table 4).
 Training calls model(idx, targets); generation (sample.py) fills the cache with model(idx,
 input_pos=...). Loading and saving checkpoints (ours, Hugging Face LLaMA directories such as LVM's
-7B): checkpoint.py.
+7B): infra/checkpoint.py.
 
     python model.py --size 300M      # parameter count and forward TFLOPs at 256 and 4096 tokens
 """

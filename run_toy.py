@@ -6,7 +6,7 @@ The whole LVM-Lite method on the toy world, one command:
 
     python run_toy.py               # 6-12 minutes on a 2-core CPU; on a GPU if there is one
                                     # (a larger profile)
-    python run_toy.py --quick       # a few minutes: the same pipeline, tiny budgets (what CI runs)
+    python run_toy.py --quick       # a minute or two: the same pipeline at tiny budgets (tests)
     python run_toy.py --ablation pretrain   # Table 4 in miniature: single-image vs random-sequence
                                             # stage 1
     python run_toy.py --ablation finetune   # Table 5 in miniature: fine-tuning mixtures

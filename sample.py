@@ -118,7 +118,8 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=100, c
     restricts sampling to image codes; generator (on the model's device) makes sampling
     reproducible. When the sequence outgrows model.args.max_seq_len, the oldest whole images
     (tokens_per_image each) are dropped and the kept context is run again from position 0. compile:
-    the same tokens from a compiled decode step (fast_decode.py); the first call compiles it."""
+    the same tokens from a compiled decode step (infra/fast_decode.py); the first call compiles
+    it."""
     B, T = prompt_tokens.shape
     max_len, total = model.args.max_seq_len, T + max_new_tokens
     if T == 0:
@@ -223,8 +224,8 @@ def parse_args(argv=None):
                    help="model weights (default: bfloat16 on a GPU; on a CPU the checkpoint's own "
                         "dtype, bfloat16 where float32 would not fit in memory)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (fast_decode.py): the same tokens, several times "
-                        "faster; the first call compiles for seconds to a minute")
+                   help="compile the decode step (infra/fast_decode.py): the same tokens, several "
+                        "times faster; the first call compiles for seconds to a minute")
     p.add_argument("--fps", type=float, default=4, help="frames per second of the video GIF")
     p.add_argument("--out_dir", default="out/samples", help="where grid.png and the images go")
     args = p.parse_args(argv)

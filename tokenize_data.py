@@ -55,8 +55,8 @@ ANNOTATION_SUFFIXES = ("_gtFine_labelTrainIds", "_gtFine_labelIds", "_gtFine_col
 # -----------------------------------------------------------------------------
 # inputs -> units, in a fixed order. A unit is one source of rows: ("image", path),
 # ("tar", shard, member, offset, size), ("video", path), ("frames", folder, names),
-# ("pair", image, annotation), or ("skip", path, reason). Pixels come from images.py, the reader
-# every script shares.
+# ("pair", image, annotation), or ("skip", path, reason). Pixels come from infra/images.py, the
+# reader every script shares.
 
 
 def natural_key(s):
@@ -528,7 +528,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     tok = argparse.ArgumentParser(add_help=False)
-    tok.add_argument("--vqgan", help="VQ-GAN checkpoint: a directory infra/vqgan_checkpoint.py reads")
+    tok.add_argument("--vqgan",
+                     help="VQ-GAN checkpoint: a directory infra/vqgan_checkpoint.py reads")
     tok.add_argument("--vqgan_config",
                      help="TESTS ONLY: randomly initialised weights of this vqgan.CONFIGS entry")
     tok.add_argument("--seed", type=int, default=0,

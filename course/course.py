@@ -57,7 +57,7 @@ ASSIGNMENTS = {
               "sequences), the second equation (the autoregressive loss over m = 1 .. L-1)",
         functions={
             "data.py:epoch_order": "a random order of all images, drawn anew for each epoch",
-            "data.py:single_image": "image `position` of the stage-1 stream: every image once per epoch",
+            "data.py:single_images": "images first .. first+count-1 of the stage-1 stream: each once per epoch",
             "data.py:natural_sequence": "n consecutive frames of one video",
             "data.py:discriminative_sequence": "n 'image, annotation' pairs of one dataset",
             "data.py:generative_sequence": "n 'annotation, image' pairs: the discriminative order inverted",

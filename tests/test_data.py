@@ -36,7 +36,7 @@ def test_sequence_builders_make_the_sequences_of_the_paper(tmp_path):
         g = _rows(data.generative_sequence(pairs, rng, n_pairs=4)).reshape(4, 2)  # "annotation, image"
         assert (g[:, 1] % 2 == 0).all() and (g[:, 0] == g[:, 1] + 1).all()
         assert len(set(_rows(data.random_sequence(video, 1, seed=0, n_images=16)))) == 16
-        assert len(data.single_image(video, 7, seed=0)) == 4
+        assert data.single_images(video, 7, 3, seed=0).shape == (3, 4)
     assert len(set(d[:, 0])) == 8, "pairs of a sequence are distinct when the dataset is big enough"
     same = [data.SEQUENCE_BUILDERS["discriminative"](pairs, np.random.default_rng(7)) for _ in range(2)]
     assert np.array_equal(*same), "deterministic given the generator"
@@ -61,12 +61,13 @@ def test_single_images_come_once_per_epoch_in_a_new_order_each_epoch(tmp_path):
     """Stage 1's stream: positions 0..N-1 show every image once (the last too), the next N again, in another
     order; the same position and seed always give the same image, another seed another order."""
     images = write_token_file(tmp_path / "images", "images", [[0, 50]], 50)
-    stream = [_rows(data.single_image(images, p, seed=3))[0] for p in range(200)]
+    stream = _rows(data.single_images(images, 0, 200, seed=3)).tolist()
     epochs = np.array(stream).reshape(4, 50)
     assert all(sorted(e) == list(range(50)) for e in epochs)
     assert len({tuple(e) for e in epochs}) == 4 and epochs[0].tolist() != list(range(50))
-    assert [_rows(data.single_image(images, p, seed=3))[0] for p in (70, 3, 70)] == [stream[70], stream[3], stream[70]]
-    assert [_rows(data.single_image(images, p, seed=4))[0] for p in range(50)] != stream[:50]
+    for first, count in ((70, 1), (3, 30), (45, 60)):  # any slice, across epochs too, is the same stream
+        assert _rows(data.single_images(images, first, count, seed=3)).tolist() == stream[first:first + count]
+    assert _rows(data.single_images(images, 0, 50, seed=4)).tolist() != stream[:50]
     # LVM's random sequences are n consecutive images of that stream
     r = _rows(data.random_sequence(images, 3, seed=3, n_images=16))
     assert r.tolist() == stream[48:64]
