@@ -93,9 +93,14 @@ def _write_shards(folder, model, optimizer, env):
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder,
                      planner=_save_planner(env))
-    except dcp.CheckpointException as e:  # one exception per failed rank
-        failure = next(iter(e.failures.values()))[0]
-        raise (failure if isinstance(failure, OSError) else e) from None
+    except dcp.CheckpointException as e:  # one exception per failed rank, the same on every rank
+        rank, (failure, _) = next(iter(e.failures.items()))
+        if isinstance(failure, OSError):
+            raise failure from None
+        if "unexpected pos" in str(failure):  # torch.save's zip writer after its file's write failed
+            raise OSError(f"process {rank}'s write of its shards stopped short: the disk is full or "
+                          "a file-size limit was reached") from None
+        raise
 
 
 def write_file(path, write):
