@@ -49,7 +49,8 @@ SETTINGS = {
     "xla_fsdp": (0, "XLA: devices along the mesh's fsdp axis (0: all); the others form its data "
                     "axis"),
     "resume": (False, "continue from out_dir's checkpoint (ckpt.pt, or the sharded folder "
-                      "out_dir/latest names): weights, optimizer, step, RNG and data position"),
+                      "out_dir/latest names): weights, optimizer, step, RNG and data position (a "
+                      "run torchrun restarts continues from its own without it)"),
     "stop_at": (0, "end this run after this step (0: at max_steps), e.g. to fit a time limit; "
                    "--resume continues"),
     "export_hf": (True, "when max_steps is reached, write out_dir/hf in the Hugging Face LLaMA "

@@ -127,7 +127,7 @@ def lost_peer(e):
              "Timed out", "timed out", "Broken pipe")
     if not (dist.is_initialized() and dist.get_world_size() > 1 and any(s in text for s in signs)):
         return None
-    reason = re.sub(r"\[[^\]]*\.(cc|cpp):\d+\] ", "", text)[:200]  # without gloo's source path
+    reason = re.sub(r"\[[^\]]*\.(cc|cpp):\d+\] ", "", text).split(". ")[0]  # no source path
     return (f"process {dist.get_rank()} lost contact with the other processes of this run "
             f"({reason}); another one died or stopped: its own output says why. Training stopped "
             "at the last checkpoint: run again with --resume (under torchrun --max-restarts a "

@@ -11,7 +11,8 @@ run saved by 8 processes resumes on 2, or on 1. In a run's out_dir:
 
 A save writes a new folder; only when every process has finished does the main process point
 `latest` at it (os.replace, atomic) and remove the older one. A crash or a full disk mid-save
-leaves `latest` naming the last good checkpoint.
+leaves `latest` naming the last good checkpoint; a full disk on any process is told to all (each
+stops with the error, none waits at a barrier).
 
     save(out_dir, model, optimizer, meta, env)   # every process calls it
     meta = read_meta(folder)                     # the small values; meta["shards"] is the folder

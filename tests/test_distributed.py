@@ -1,8 +1,10 @@
 """Several processes on CPU (gloo), as torchrun starts them on a GPU node (the DDP test by torchrun itself, the others
 forked with torchrun's environment variables, processes.py): DDP and FSDP2 train exactly like one process with the
 same global batch; FSDP2 writes sharded checkpoints, each process its part, that resume on 2 processes or on 1 (and a
-1-process ckpt.pt resumes under FSDP2) like an unbroken run; a save cut short by a full disk or a kill leaves the
-last checkpoint; plus the device tables."""
+1-process ckpt.pt resumes under FSDP2) like an unbroken run. Faults, made real in the process (tests/faulty.py): a
+full disk (a file-size limit) or a kill while saving leaves the last checkpoint and every rank stops with one line;
+a worker killed under torchrun --max-restarts is restarted and the run resumes by itself; a rank that dies stops the
+others with one line; two torchrun nodes on one machine (slow). Plus the device tables."""
 import json
 import os
 import re
