@@ -173,7 +173,7 @@ def test_a_real_full_disk_stops_every_rank_with_one_line_and_keeps_the_last_chec
                             rf"checkpoint .*{good} \(step 2\) is untouched. Free disk space .*then --resume", line)
     # ckpt.pt: errno 27 (EFBIG); sharded: DCP passes on the zip writer's error that followed it
     assert ("File too large" if kind == "ckpt.pt" else "process 1's write of its shards stopped short") in errors[0]
-    assert max(failed.ended) < 60  # no rank waits for the one that failed
+    assert max(failed.ended) - min(failed.ended) < 10  # they stop together: none waits for the one that failed
     if kind == "ckpt.pt":
         assert (out / "ckpt.pt").read_bytes() == before and not (out / "ckpt.pt.tmp").exists()
     else:
