@@ -149,6 +149,10 @@ def main(argv=None):
                     init, probe)
     except TrainingError as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:  # another process died: one line on each of the others
+        if not distributed.lost_peer(e):
+            raise
+        sys.exit(f"error: {distributed.lost_peer(e)}")
     finally:
         distributed.cleanup()
 

@@ -14,9 +14,9 @@ Every setting (train.SETTINGS) and every Table 8 value of the stage (configs.STA
 as --key=value. The global batch (--batch_size sequences) = micro_batch_size x devices x
 gradient-accumulation steps. Output in --out_dir: ckpt.pt (every eval_interval steps, written
 atomically; with --parallel=fsdp or on XLA, sharded: ckpt-STEP/, which out_dir/latest names;
---resume continues from it), metrics.jsonl, samples_<step>.png and, at the end, hf/ (Hugging Face
-LLaMA layout). --images_per_seq=16 trains on LVM's random 16-image sequences instead
-(the baseline of Table 4).
+--resume continues from it, and a group torchrun --max-restarts restarts does so by itself),
+metrics.jsonl, samples_<step>.png and, at the end, hf/ (Hugging Face LLaMA layout).
+--images_per_seq=16 trains on LVM's random 16-image sequences instead (the baseline of Table 4).
 """
 import sys
 
@@ -38,6 +38,10 @@ def main(argv=None):
                     data.image_stream(val, config.images_per_seq, config.seed + 1))
     except TrainingError as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:  # another process died: one line on each of the others
+        if not distributed.lost_peer(e):
+            raise
+        sys.exit(f"error: {distributed.lost_peer(e)}")
     finally:
         distributed.cleanup()
 

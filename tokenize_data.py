@@ -30,6 +30,7 @@ never fatal. Work is committed block by block: the same command rerun after a ki
 writes the bytes of an uninterrupted run; finished files appear atomically.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -303,6 +304,18 @@ def _read_progress(path, fingerprint):
     return records[1:] if records and records[0].get("fingerprint") == fingerprint else []
 
 
+@contextlib.contextmanager
+def _writing(prefix):
+    """A failed write of the output (a full disk: ENOSPC, or EFBIG past a file-size limit) as one
+    line saying where and what to do; what was committed before it is kept for the rerun."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(f"could not write {prefix}.tokens ({e.strerror or e}); free disk space, "
+                      "then run the same command again: it goes on after the last finished "
+                      "block") from None
+
+
 def _finish(prefix, meta, rows, groups, skipped):
     """Write NAME.json, then move NAME.tokens.partial into place: each step atomic."""
     if meta["kind"] != "video":  # pairs: one group, or runs of pairs_per_group pairs
@@ -356,7 +369,7 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
                initial=sum(map(len, blocks[lo:lo + len(records)])), desc=name,
                unit="input", dynamic_ncols=True)
     t0, new_rows, pending, groups, skipped = time.time(), 0, [], [], []
-    with open(partial, "r+b") as f, open(progress, "a") as log:
+    with _writing(prefix), open(partial, "r+b") as f, open(progress, "a") as log:
         f.truncate(2 * rows * S)
         f.seek(2 * rows * S)
         for t, (pixels, counts, bad) in enumerate(loader):
@@ -394,8 +407,9 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
                 vocab_size=tokenizer["num_embeddings"], groups=[], **(info or {}), skipped=[],
                 tokenizer=tokenizer, fingerprint=fingerprint,
                 **({"shard": [shard_id, num_shards], "job": job} if num_shards > 1 else {}))
-    meta = _finish(prefix, meta, rows, [g for r in records for g in r["groups"]],
-                   [s for r in records for s in r["skipped"]])
+    with _writing(prefix):
+        meta = _finish(prefix, meta, rows, [g for r in records for g in r["groups"]],
+                       [s for r in records for s in r["skipped"]])
     progress.unlink()
     print(f"{prefix}.tokens: {rows} images, {len(meta['skipped'])} inputs skipped "
           f"({new_rows / (time.time() - t0):.0f} img/s)", file=sys.stderr)
@@ -637,5 +651,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing input, a full disk
         sys.exit(f"error: {e}")

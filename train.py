@@ -49,7 +49,8 @@ SETTINGS = {
     "xla_fsdp": (0, "XLA: devices along the mesh's fsdp axis (0: all); the others form its data "
                     "axis"),
     "resume": (False, "continue from out_dir's checkpoint (ckpt.pt, or the sharded folder "
-                      "out_dir/latest names): weights, optimizer, step, RNG and data position"),
+                      "out_dir/latest names): weights, optimizer, step, RNG and data position (a "
+                      "run torchrun restarts continues from its own without it)"),
     "stop_at": (0, "end this run after this step (0: at max_steps), e.g. to fit a time limit; "
                    "--resume continues"),
     "export_hf": (True, "when max_steps is reached, write out_dir/hf in the Hugging Face LLaMA "
@@ -129,7 +130,7 @@ def train(config, stream, eval_stream, init=None, probe=None):
     weights; probe(model) -> dict, logged at each evaluation (stage 2's in-context check). Returns
     the records it logged."""
     env = distributed.setup_run(config)  # the device, the other processes, the compute dtype
-    saved = checkpoint.resume_checkpoint(config.out_dir) if config.resume else None
+    saved = checkpoint.resume_checkpoint(config)  # --resume, or torchrun restarted this run
     args = checkpoint.model_args(config, saved, init)
     accum, rank_count = batch_layout(config, args, env)
     torch.manual_seed(config.seed)  # the same initial weights in every process
@@ -160,14 +161,15 @@ def train(config, stream, eval_stream, init=None, probe=None):
             record["val_loss"] = evaluate(parallel_model, eval_fn, eval_stream, config, env,
                                           args.vocab_size)
         progress.check_finite(record, config.out_dir, saved_step)  # before a save overwrites
+        drawn = evaluating and (probe or config.num_samples)  # the probe, the sample grid
+        model_copy = progress.whole_model(model, env) if drawn else None  # on the main process
+        if probe and model_copy is not None:
+            record["in_context"] = probe(model_copy)
+        log.write(record)  # line and metrics.jsonl before the save: a kill after it keeps them
         if evaluating:
-            model_copy = (progress.whole_model(model, env) if probe or config.num_samples
-                          else None)  # on the main process, for the probe and the sample grid
-            if probe and model_copy is not None:
-                record["in_context"] = probe(model_copy)
             saved_step = checkpoint.save(model, optimizer, env, config, step, position, saved_step)
             log.sample_grid(model_copy, eval_stream, step)
-        log.write(record)  # the progress line and metrics.jsonl; the clock restarts
+            log.restart_clock()  # saving and drawing are not training time
     if step >= config.max_steps and config.export_hf and env.is_main:
         checkpoint.export_hf(config.out_dir)
     return log.records

@@ -18,6 +18,7 @@ checkpoint of this model), each one line; a training run's (resume, save) are Tr
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 
 from configs import MODEL_SIZES
 from infra import distributed, sharded_checkpoint
+from infra.sharded_checkpoint import write_file
 from infra.settings import TrainingError
 from model import ModelArgs, Transformer
 
@@ -187,14 +189,12 @@ def check_memory(args, dtype, device):
 
 def save_checkpoint(path, checkpoint):
     """Write to a temporary file, then rename over the old one: a crash while saving leaves the
-    previous checkpoint intact (the rename is atomic)."""
+    previous checkpoint intact (the rename is atomic). A failed write (a full disk) raises its
+    OSError."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(tmp, lambda f: torch.save(checkpoint, f))
     except BaseException:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: give back the space the part took
         raise
@@ -205,13 +205,36 @@ def save_checkpoint(path, checkpoint):
 # a training run's checkpoints (train.py calls these by name): what it resumes from, what it saves
 
 
-def resume_checkpoint(out_dir):
-    """out_dir's newest checkpoint: a ckpt.pt's whole dict, or a sharded one's small values (its
-    tensors are read by resume(), each process its part)."""
+def resume_checkpoint(config):
+    """The checkpoint this run continues from, or None (it starts at step 0): with --resume,
+    out_dir's newest (a ckpt.pt's whole dict, or a sharded one's small values; its tensors are
+    read by resume(), each process its part). Without it, a run whose processes torchrun restarted
+    (TORCHELASTIC_RESTART_COUNT > 0) continues from the newest checkpoint it wrote itself before
+    the restart: one with the same torchrun run id and the same settings; any other is left
+    alone and training starts afresh, as a first attempt would."""
+    if config.resume:
+        try:
+            return load_checkpoint(config.out_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise TrainingError(f"{e} (--resume continues a run written to --out_dir)") from e
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restarts:
+        return None
     try:
-        return load_checkpoint(out_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise TrainingError(f"{e} (--resume continues a run written to --out_dir)") from e
+        saved = load_checkpoint(config.out_dir)
+    except (FileNotFoundError, ValueError):
+        return None  # none written before the restart: from the start
+    if saved.get("run") != run_id() or saved.get("config") != vars(config):
+        return None  # another run's checkpoint: never continued without --resume
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"restart {restarts} of this torchrun run: resuming from "
+              f"{find_checkpoint(config.out_dir)} (step {saved['step']})")
+    return saved
+
+
+def run_id():
+    """torchrun's id of this run (--rdzv_id, a fresh one with --standalone): a restart keeps it."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 def model_args(config, saved, init):
@@ -264,9 +287,10 @@ def save(model, optimizer, env, config, step, data_position, saved_step):
     full disk) stops training with one line and leaves the previous checkpoint as it was."""
     out_dir = Path(config.out_dir)
     meta = dict(model_args=asdict(model.args), step=step, data_position=data_position,
-                config=vars(config))
+                config=vars(config), run=run_id())
+    error = None
     try:
-        if distributed.sharded(env):
+        if distributed.sharded(env):  # every process agrees on the outcome inside
             sharded_checkpoint.save(out_dir, model, optimizer, meta, env)
             return step
         model_state, optim_state = distributed.full_state(model, optimizer, env)
@@ -276,9 +300,14 @@ def save(model, optimizer, env, config, step, data_position, saved_step):
                                                       rng=rng, **meta))
             sharded_checkpoint.remove(out_dir)  # an earlier FSDP2 run's, now older than ckpt.pt
     except OSError as e:
+        error = e
+    # the main process's write, told to all: each stops with the line, none waits for the others
+    if not distributed.all_ok(error is None, env):
+        error = error or OSError("the main process could not write it")
+    if error is not None:
         raise TrainingError(f"could not save the checkpoint of step {step} in {out_dir} "
-                            f"({type(e).__name__}: {e}); {last_good(out_dir, saved_step)}. Free "
-                            "disk space (or pass another --out_dir), then --resume") from e
+                            f"({type(error).__name__}: {error}); {last_good(out_dir, saved_step)}. "
+                            "Free disk space (or pass another --out_dir), then --resume")
     return step
 
 
@@ -291,10 +320,23 @@ def last_good(out_dir, saved_step):
 
 def export_hf(out_dir):
     """At the end of training: the final checkpoint's weights in the Hugging Face LLaMA layout, in
-    out_dir/hf. The main process reads them from disk, so a sharded run gathers nothing."""
-    save_hf(load_model(out_dir), Path(out_dir) / "hf")
-    print(f"exported the final model to {Path(out_dir) / 'hf'} (Hugging Face LlamaForCausalLM "
-          "layout)")
+    out_dir/hf. The main process reads them from disk, so a sharded run gathers nothing. Written
+    into hf.tmp first: a full disk leaves any earlier export and stops with one line."""
+    hf, tmp = Path(out_dir) / "hf", Path(out_dir) / "hf.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_hf(load_model(out_dir), tmp)
+    except Exception as e:  # safetensors reports a failed write as its own error, not an OSError
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError) and "I/O error" not in str(e):
+            raise
+        reason = (str(e).splitlines() or [""])[0]
+        raise TrainingError(f"could not write the Hugging Face export {hf} ({type(e).__name__}: "
+                            f"{reason}); the final checkpoint {find_checkpoint(out_dir)} is "
+                            "complete. Free disk space, then --resume (it only exports)") from None
+    shutil.rmtree(hf, ignore_errors=True)
+    os.replace(tmp, hf)
+    print(f"exported the final model to {hf} (Hugging Face LlamaForCausalLM layout)")
 
 
 # -----------------------------------------------------------------------------

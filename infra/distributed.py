@@ -16,6 +16,7 @@ inserts the collectives.
 """
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,13 +94,45 @@ def setup(device="auto", parallel="ddp", xla_fsdp=0):
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
-    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=attempt_store(),
+                            rank=rank, world_size=world_size,
                             device_id=dev if device == "cuda" else None)
     mesh = None
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device, (world_size,))
     return Env(dev, device, parallel, rank, world_size, mesh=mesh)
+
+
+def attempt_store():
+    """The store the processes meet in, its keys apart for each attempt of a torchrun run; None
+    outside torchrun (init_process_group then reads MASTER_ADDR/PORT itself). torchrun (2.13)
+    keeps one store server for all attempts and its workers connect to it with no prefix, so a
+    group it restarted after a worker died read the dead group's gloo addresses: measured, 4
+    restarts in 9 failed (connection refused, torchrun exits 1) and 1 hung in gloo's connection
+    inside init_process_group (until the 30-minute timeout). Each attempt's keys start fresh
+    here (docs/faults.md)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           int(os.environ["WORLD_SIZE"]), is_master=False)
+    return dist.PrefixStore(f"lvm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                            client)
+
+
+def lost_peer(e):
+    """The line to stop with when e is a collective's failure because another process is gone (it
+    died, or its host did): gloo's closed connection or a timeout; None for any other error."""
+    text = (str(e).splitlines() or [""])[0]
+    signs = ("Connection reset by peer", "Connection closed by peer", "Connection refused",
+             "Timed out", "timed out", "Broken pipe")
+    if not (dist.is_initialized() and dist.get_world_size() > 1 and any(s in text for s in signs)):
+        return None
+    reason = re.sub(r"\[[^\]]*\.(cc|cpp):\d+\] ", "", text).split(". ")[0]  # no source path
+    return (f"process {dist.get_rank()} lost contact with the other processes of this run "
+            f"({reason}); another one died or stopped: its own output says why. Training stopped "
+            "at the last checkpoint: run again with --resume (under torchrun --max-restarts a "
+            "restart resumes by itself)")
 
 
 def setup_run(config):
@@ -328,6 +361,16 @@ def set_rng_state(states, env):
 def barrier(env):
     if env.world_size > 1 and dist.is_initialized():
         dist.barrier()
+
+
+def all_ok(ok, env):
+    """Whether every process says ok: each learns whether any failed (e.g. its write), so all stop
+    together instead of the others waiting for it at their next collective."""
+    if env.world_size == 1 or not dist.is_initialized():
+        return ok
+    flag = torch.tensor([int(ok)], device=env.device if env.device_type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def cleanup():

@@ -11,7 +11,8 @@ run saved by 8 processes resumes on 2, or on 1. In a run's out_dir:
 
 A save writes a new folder; only when every process has finished does the main process point
 `latest` at it (os.replace, atomic) and remove the older one. A crash or a full disk mid-save
-leaves `latest` naming the last good checkpoint.
+leaves `latest` naming the last good checkpoint; a full disk on any process is told to all (each
+stops with the error, none waits at a barrier).
 
     save(out_dir, model, optimizer, meta, env)   # every process calls it
     meta = read_meta(folder)                     # the small values; meta["shards"] is the folder
@@ -48,8 +49,9 @@ def is_sharded(path):
 
 def save(out_dir, model, optimizer, meta, env):
     """Every process writes its shards into out_dir/ckpt-STEP/ (meta: step, data_position, ...);
-    then `latest` is switched to it. On failure the partial folder is removed and the error
-    (an OSError for a full disk) raised: the previous checkpoint is untouched."""
+    then `latest` is switched to it. A write that fails on any process (a full disk) raises an
+    OSError on every process, after the partial folder is removed: the previous checkpoint is
+    untouched. The processes agree after each part, so none is left waiting at a barrier."""
     out_dir = Path(out_dir)
     folder = out_dir / f"ckpt-{meta['step']:06d}"
     if env.is_main:
@@ -58,18 +60,24 @@ def save(out_dir, model, optimizer, meta, env):
         shutil.rmtree(folder, ignore_errors=True)  # left by a save of this step that was cut short
     distributed.barrier(env)
     rng = distributed.rng_states(env)  # every rank's
-    try:
+    error = None
+    try:  # a failed shard on any rank is raised on every rank (DCP gathers the failures)
         _write_shards(folder, model, optimizer, env)
         if env.is_main:
-            _write(folder / "meta.pt", lambda f: torch.save(dict(meta, rng=rng), f))
-        distributed.barrier(env)  # every process's shards are on disk
-        if env.is_main:
-            _write(out_dir / (LATEST + ".tmp"), lambda f: f.write(folder.name.encode()))
+            write_file(folder / "meta.pt", lambda f: torch.save(dict(meta, rng=rng), f))
+    except OSError as e:
+        error = e
+    if distributed.all_ok(error is None, env) and env.is_main:  # every process's shards are on disk
+        try:
+            write_file(out_dir / (LATEST + ".tmp"), lambda f: f.write(folder.name.encode()))
             os.replace(out_dir / (LATEST + ".tmp"), out_dir / LATEST)  # the switch, atomic
-    except BaseException:
+        except OSError as e:
+            error = e
+    if not distributed.all_ok(error is None, env):
         if env.is_main:
+            (out_dir / (LATEST + ".tmp")).unlink(missing_ok=True)
             shutil.rmtree(folder, ignore_errors=True)  # give the disk space back
-        raise
+        raise error or OSError("the main process could not write its part")
     if env.is_main:  # the older checkpoints, of either kind
         (out_dir / "ckpt.pt").unlink(missing_ok=True)
         remove(out_dir, keep=folder)
@@ -86,17 +94,29 @@ def _write_shards(folder, model, optimizer, env):
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder,
                      planner=_save_planner(env))
-    except dcp.CheckpointException as e:  # one exception per failed rank
-        failure = next(iter(e.failures.values()))[0]
-        raise (failure if isinstance(failure, OSError) else e) from None
+    except dcp.CheckpointException as e:  # one exception per failed rank, the same on every rank
+        rank, (failure, _) = next(iter(e.failures.items()))
+        if isinstance(failure, OSError):
+            raise failure from None
+        if "unexpected pos" in str(failure):  # torch.save's zip writer after its file's write failed
+            raise OSError(f"process {rank}'s write of its shards stopped short: the disk is full or "
+                          "a file-size limit was reached") from None
+        raise
 
 
-def _write(path, write):
-    """Write a file and wait until it is on disk."""
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+def write_file(path, write):
+    """write(f) into path, then wait until it is on disk. A write that fails (a full disk: ENOSPC,
+    or EFBIG past a file-size limit) raises that OSError, also from inside torch.save, whose zip
+    writer then fails closing the file and raises a RuntimeError on top of it."""
+    try:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def remove(out_dir, keep=None):

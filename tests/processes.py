@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,19 +51,21 @@ def _main(script, args, env, cwd, log):
     runpy.run_path(str(script), run_name="__main__")
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run(script, args, processes=1, env=None, cwd=ROOT, timeout=600):
+def run(script, args, processes=1, env=None, cwd=ROOT, timeout=600, stop_others=True):
     """`python SCRIPT ARGS`, or with processes=N `torchrun --standalone --nproc_per_node=N SCRIPT ARGS`, each
     process forked from the server. Returns a subprocess.CompletedProcess: the first failing process's exit code
-    (negative: killed by that signal) or 0, and the processes' output, rank after rank."""
+    (negative: killed by that signal) or 0, and the processes' output, rank after rank; plus exitcodes and ended
+    (seconds from the start), rank by rank. stop_others=False: a failure does not stop the others (no launcher
+    watching, as when a process dies beyond torchrun's restarts)."""
     env = {**os.environ, **(env or {})}
     if processes > 1:
-        port = _free_port()
+        port = free_port()
         ranks = [{**env, "RANK": str(r), "LOCAL_RANK": str(r), "GROUP_RANK": "0", "ROLE_RANK": str(r),
                   "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
                   "MASTER_PORT": str(port)} for r in range(processes)]
@@ -75,7 +78,7 @@ def run(script, args, processes=1, env=None, cwd=ROOT, timeout=600):
                                                        f"{logs}/{r}"))
             p.start()
             started.append(p)
-        waiting, code = {p.sentinel: p for p in started}, 0
+        waiting, code, start, ended = {p.sentinel: p for p in started}, 0, time.monotonic(), {}
         while waiting:
             ready = multiprocessing.connection.wait(list(waiting), timeout=timeout)
             if not ready:
@@ -83,9 +86,10 @@ def run(script, args, processes=1, env=None, cwd=ROOT, timeout=600):
             for sentinel in ready:
                 p = waiting.pop(sentinel)
                 p.join()
+                ended[p] = time.monotonic() - start
                 if p.exitcode and not code:  # the first failure stops the others, as torchrun does
                     code = p.exitcode
-                    for other in waiting.values():
+                    for other in waiting.values() if stop_others else ():
                         other.kill()
         for p in waiting.values():  # past the timeout
             p.kill()
@@ -94,4 +98,6 @@ def run(script, args, processes=1, env=None, cwd=ROOT, timeout=600):
             raise subprocess.TimeoutExpired([str(script), *args], timeout)
         read = lambda suffix: "".join(Path(f"{logs}/{r}{suffix}").read_text()
                                       for r in range(len(ranks)) if Path(f"{logs}/{r}{suffix}").exists())
-        return subprocess.CompletedProcess([str(script), *args], code, read(".out"), read(".err"))
+        result = subprocess.CompletedProcess([str(script), *args], code, read(".out"), read(".err"))
+        result.exitcodes, result.ended = [p.exitcode for p in started], [ended[p] for p in started]
+        return result

@@ -1,8 +1,10 @@
 """Several processes on CPU (gloo), as torchrun starts them on a GPU node (the DDP test by torchrun itself, the others
 forked with torchrun's environment variables, processes.py): DDP and FSDP2 train exactly like one process with the
 same global batch; FSDP2 writes sharded checkpoints, each process its part, that resume on 2 processes or on 1 (and a
-1-process ckpt.pt resumes under FSDP2) like an unbroken run; a save cut short by a full disk or a kill leaves the
-last checkpoint; plus the device tables."""
+1-process ckpt.pt resumes under FSDP2) like an unbroken run. Faults, made real in the process (tests/faulty.py): a
+full disk (a file-size limit) or a kill while saving leaves the last checkpoint and every rank stops with one line;
+a worker killed under torchrun --max-restarts is restarted and the run resumes by itself; a rank that dies stops the
+others with one line; two torchrun nodes on one machine (slow). Plus the device tables."""
 import json
 import os
 import re
@@ -18,23 +20,25 @@ import torch
 from infra import distributed
 from infra.checkpoint import load_model
 from conftest import raise_unfinished
-from processes import run as processes_run
+from processes import free_port, run as processes_run
 from test_train import toy_images, write_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--size=tiny", "--stage=pretrain-toy", "--tokens_per_image=16", "--batch_size=8", "--micro_batch_size=4",
+        "--max_steps=4", "--warmup_steps=2", "--log_interval=1", "--eval_interval=2", "--eval_iters=1",
+        "--num_samples=0", "--export_hf=false", "--device=cpu"]
 
 
-def run(out_dir, data, *extra, processes=1, script="pretrain.py", env=None, torchrun=False):
+def run(out_dir, data, *extra, processes=1, script="pretrain.py", env=None, torchrun=False, launcher=(), **kw):
     """pretrain.py (or script) on CPU, as `python pretrain.py` or `torchrun --nproc_per_node=N pretrain.py`: by
-    torchrun itself, or (quicker) in processes forked with its environment variables (processes.py)."""
-    args = ["--size=tiny", "--stage=pretrain-toy", "--tokens_per_image=16", "--batch_size=8",
-            "--micro_batch_size=4", "--max_steps=4", "--warmup_steps=2", "--log_interval=1", "--eval_interval=2",
-            "--eval_iters=1", "--num_samples=0", "--export_hf=false", "--device=cpu", f"--data={data}",
-            f"--out_dir={out_dir}", *extra]
+    torchrun itself (with the launcher's extra arguments), or (quicker) in processes forked with its environment
+    variables (processes.py, with its keywords kw)."""
+    args = TINY + [f"--data={data}", f"--out_dir={out_dir}", *extra]
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
     if not torchrun:
-        return raise_unfinished(processes_run(ROOT / script, args, processes=processes, env=env))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        return raise_unfinished(processes_run(ROOT / script, args, processes=processes, env=env, **kw))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                *launcher]
     return raise_unfinished(subprocess.run(launcher + [str(script)] + args, cwd=ROOT, env={**os.environ, **env},
                                            capture_output=True, text=True, timeout=600))
 
@@ -122,47 +126,71 @@ def test_one_process_checkpoint_resumes_under_fsdp2(tmp_path, data, one_process)
     assert (tmp_path / "latest").read_text() == "ckpt-000004" and not (tmp_path / "ckpt.pt").exists()
 
 
-FAULTY_PRETRAIN = """\"\"\"pretrain.py whose checkpoint writes fail before they are complete: os.fsync, which
-every write calls before its rename, raises a full disk's OSError (FAULT=full) or kills the process (FAULT=kill).\"\"\"
-import errno, os, runpy, signal, sys
-
-
-def fail(fd):
-    if os.environ["FAULT"] == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-os.fsync = fail
+FAULTY = ROOT / "tests" / "faulty.py"  # pretrain.py with a real fault in its process: a file-size limit, a kill
+KILL_AT_FSYNC = """\"\"\"pretrain.py killed by SIGKILL inside a checkpoint write, before its rename: at the os.fsync
+every write calls.\"\"\"
+import os, runpy, signal, sys
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
 sys.path[0] = {root!r}
 runpy.run_path({root!r} + "/pretrain.py", run_name="__main__")
 """
+SHARD_LIMIT = 1 << 20  # bytes: the tiny model's shards (6 MB) and ckpt.pt (12 MB) are bigger, its logs smaller
 
 
 @pytest.fixture
-def faulty_pretrain(tmp_path):
-    script = tmp_path / "faulty_pretrain.py"
-    script.write_text(FAULTY_PRETRAIN.format(root=str(ROOT)))
+def killed_at_fsync(tmp_path):
+    script = tmp_path / "killed_at_fsync.py"
+    script.write_text(KILL_AT_FSYNC.format(root=str(ROOT)))
     return script
+
+
+def one_line_each(result, processes):
+    """Each process stopped by itself (exit code 1) with one line, no traceback: the lines."""
+    assert result.exitcodes == [1] * processes and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == processes, result.stderr[-3000:]
+    return errors
 
 
 @pytest.mark.decoder
 @pytest.mark.data
-@pytest.mark.parametrize("fault", ["full", "kill"])
-def test_a_failed_sharded_save_leaves_the_last_checkpoint(tmp_path, data, one_process, fsdp_at_step_2,
-                                                           faulty_pretrain, fault):
+@pytest.mark.parametrize("kind", ["ckpt.pt", "sharded"])
+def test_a_real_full_disk_stops_every_rank_with_one_line_and_keeps_the_last_checkpoint(
+        tmp_path, data, one_process, fsdp_at_step_2, kind):
+    # a file-size limit in one process (ulimit -f): its checkpoint write fails with EFBIG, as on a full disk.
+    # ckpt.pt: DDP, the main process writes it; sharded: FSDP2, rank 1's shard fails
+    if kind == "ckpt.pt":
+        out, parallel, rank, good = tmp_path / "run", "--parallel=ddp", "0", "ckpt.pt"
+        train(out, data, "--stop_at=2")
+        before = (out / "ckpt.pt").read_bytes()
+    else:
+        out, parallel, rank, good = copy_run(fsdp_at_step_2, tmp_path), "--parallel=fsdp", "1", "ckpt-000002"
+    failed = run(out, data, parallel, "--resume", processes=2, script=FAULTY, stop_others=False, timeout=120,
+                 env={"FAULT_FSIZE": str(SHARD_LIMIT), "FAULT_RANK": rank})
+    errors = one_line_each(failed, 2)
+    for line in errors:
+        assert re.fullmatch(r"error: could not save the checkpoint of step 4 in .*\(OSError: .*\); the last good "
+                            rf"checkpoint .*{good} \(step 2\) is untouched. Free disk space .*then --resume", line)
+    # ckpt.pt: errno 27 (EFBIG); sharded: DCP passes on the zip writer's error that followed it
+    assert ("File too large" if kind == "ckpt.pt" else "process 1's write of its shards stopped short") in errors[0]
+    assert max(failed.ended) - min(failed.ended) < 10  # they stop together: none waits for the one that failed
+    if kind == "ckpt.pt":
+        assert (out / "ckpt.pt").read_bytes() == before and not (out / "ckpt.pt.tmp").exists()
+    else:
+        assert (out / "latest").read_text() == "ckpt-000002" and not (out / "ckpt-000004").exists()
+    resumed = train(out, data, parallel, "--resume", processes=2)
+    assert resumed == pytest.approx(one_process, abs=1e-5)
+
+
+@pytest.mark.decoder
+@pytest.mark.data
+def test_a_process_killed_while_saving_shards_leaves_the_last_checkpoint(tmp_path, data, one_process, fsdp_at_step_2,
+                                                                        killed_at_fsync):
     out = copy_run(fsdp_at_step_2, tmp_path)
-    failed = run(out, data, "--parallel=fsdp", "--resume", processes=2, script=faulty_pretrain,
-                 env={"FAULT": fault})
-    assert failed.returncode != 0
-    if fault == "full":  # one line on each rank, saying what is left and what to do
-        errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 2 and re.fullmatch(
-            r"error: could not save the checkpoint of step 4 in .*No space left on device.*the last good "
-            r"checkpoint .*ckpt-000002 \(step 2\) is untouched. Free disk space .*then --resume", errors[0])
-        assert not (out / "ckpt-000004").exists()  # the partial shards are removed
-    else:  # killed with the shards written but not their index: a folder `latest` does not name
-        assert (out / "ckpt-000004").is_dir() and not (out / "ckpt-000004" / ".metadata").exists()
+    killed = run(out, data, "--parallel=fsdp", "--resume", processes=2, script=killed_at_fsync)
+    assert killed.returncode != 0
+    # killed with the shards written but not their index: a folder `latest` does not name
+    assert (out / "ckpt-000004").is_dir() and not (out / "ckpt-000004" / ".metadata").exists()
     assert (out / "latest").read_text() == "ckpt-000002"
     resumed = train(out, data, "--parallel=fsdp", "--resume", processes=2)
     assert resumed == pytest.approx(one_process, abs=1e-5)
@@ -172,14 +200,78 @@ def test_a_failed_sharded_save_leaves_the_last_checkpoint(tmp_path, data, one_pr
 
 @pytest.mark.decoder
 @pytest.mark.data
-def test_a_process_killed_while_saving_ckpt_pt_leaves_the_last_one(tmp_path, data, one_process, faulty_pretrain):
+def test_a_process_killed_while_saving_ckpt_pt_leaves_the_last_one(tmp_path, data, one_process, killed_at_fsync):
     train(tmp_path, data, "--stop_at=2")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    killed = run(tmp_path, data, "--resume", script=faulty_pretrain, env={"FAULT": "kill"})
+    killed = run(tmp_path, data, "--resume", script=killed_at_fsync)
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "ckpt.pt").read_bytes() == before and (tmp_path / "ckpt.pt.tmp").exists()
     assert train(tmp_path, data, "--resume") == one_process  # one process, the same arithmetic: bitwise
     assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+@pytest.mark.decoder
+@pytest.mark.data
+def test_a_full_disk_at_the_hugging_face_export_says_one_line_and_resume_exports(tmp_path, data):
+    train(tmp_path, data)  # to max_steps, no export
+    failed = run(tmp_path, data, "--resume", "--export_hf=true", script=FAULTY, env={"FAULT_FSIZE": str(SHARD_LIMIT)})
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert re.fullmatch(r"error: could not write the Hugging Face export .*hf \(SafetensorError: .*File too large.*\); "
+                        r"the final checkpoint .*ckpt.pt is complete. Free disk space, then --resume \(it only "
+                        r"exports\)", failed.stderr.strip().splitlines()[-1])
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()
+    assert run(tmp_path, data, "--resume", "--export_hf=true").returncode == 0
+    exported, model = load_model(tmp_path / "hf"), load_model(tmp_path)
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.decoder
+@pytest.mark.data
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_by_itself(tmp_path, data, one_process):
+    # FSDP2 on 2 processes; rank 1 dies (SIGKILL) just after the checkpoint of step 2, in the first attempt only;
+    # torchrun restarts the group, which finds the checkpoint its run wrote: no --resume
+    restarted = run(tmp_path, data, "--parallel=fsdp", processes=2, script=FAULTY, torchrun=True,
+                    launcher=["--max-restarts=1"], env={"FAULT_KILL_AT": "2", "FAULT_RANK": "1"})
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert re.search(r"restart 1 of this torchrun run: resuming from .*ckpt-000002 \(step 2\)", restarted.stdout)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(one_process, abs=1e-5)  # steps 1-2 before the kill, 3-4 after the restart
+
+
+@pytest.mark.decoder
+@pytest.mark.data
+def test_a_rank_that_dies_stops_the_others_with_one_line(tmp_path, data, one_process):
+    # no launcher watching: rank 1 is killed (SIGKILL) after the checkpoint of step 2; rank 0 must not wait for it
+    died = run(tmp_path, data, "--parallel=fsdp", processes=2, script=FAULTY, stop_others=False, timeout=120,
+               env={"FAULT_KILL_AT": "2", "FAULT_RANK": "1"})
+    assert died.exitcodes == [1, -signal.SIGKILL] and "Traceback" not in died.stderr, died.stderr[-3000:]
+    line = died.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: process 0 lost contact with the other processes of this run \(.*\); another one "
+                        r"died or stopped: .* run again with --resume .*", line), line
+    assert died.ended[0] - died.ended[1] < 10  # measured: under a second
+    resumed = train(tmp_path, data, "--parallel=fsdp", "--resume", processes=2)
+    assert resumed == pytest.approx(one_process, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.decoder
+@pytest.mark.data
+def test_two_torchrun_nodes_on_one_machine_write_a_checkpoint_that_resumes_on_one_process(tmp_path, data,
+                                                                                         one_process):
+    # two agents, one process each, meeting by c10d rendezvous on localhost; the shared folder: tmp_path
+    port = free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=two-nodes-{port}"]
+    args = TINY + [f"--data={data}", f"--out_dir={tmp_path}", "--parallel=fsdp", "--stop_at=2"]
+    nodes = [subprocess.Popen(launcher + ["pretrain.py"] + args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    folder = tmp_path / "ckpt-000002"
+    assert (tmp_path / "latest").read_text() == folder.name
+    assert sorted(f.name for f in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    resumed = train(tmp_path, data, "--resume")  # one node, one process
+    assert resumed == pytest.approx(one_process, abs=1e-5)
 
 
 def test_peak_flops_are_looked_up_by_device_name():

@@ -315,3 +315,29 @@ def test_toy_world_is_tokenized_into_every_kind_and_its_sequences_pictured(tmp_p
              "--out", str(tmp_path / "seq.png"), "--n_images", "4", "--device", "cpu"])
     # rows: images (single, random), video (natural), 6 pair files (discriminative, generative)
     assert Image.open(tmp_path / "seq.png").size[1] == 15 * (2 * 32 + 2)
+
+
+@pytest.mark.tokenizer
+def test_a_full_disk_stops_with_one_line_and_the_same_command_then_finishes(tmp_path, ckpt):
+    # a real failed write: a file-size limit in the process (tests/faulty.py), so the tokens file stops growing at
+    # 3000 bytes (EFBIG, as on a full disk), inside block 3 of 8-image blocks of 128 bytes per image
+    rng = np.random.default_rng(2)
+    (tmp_path / "in").mkdir()
+    for i in range(40):
+        random_image(rng, 32, 32).save(tmp_path / "in" / f"{i:03d}.png")
+    args = ["images", "--input", tmp_path / "in", "--vqgan", ckpt, "--name", "d", "--block", 8, "--batch_size", 4,
+            "--num_workers", 0, "--device", "cpu"]
+    full = raise_unfinished(subprocess.run(
+        [sys.executable, "tests/faulty.py", *map(str, args), "--out", str(tmp_path / "full")], cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT_SCRIPT": "tokenize_data.py", "FAULT_FSIZE": "3000"}))
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert full.stderr.strip().splitlines()[-1] == (
+        f"error: could not write {tmp_path / 'full' / 'd'}.tokens (File too large); free disk space, then run the "
+        "same command again: it goes on after the last finished block")
+    assert not (tmp_path / "full" / "d.tokens").exists() and _progress(tmp_path / "full" / "d.progress") == 2
+    again = cli(*args, "--out", tmp_path / "full")
+    assert again.returncode == 0 and "resuming after 2 of 5 blocks" in again.stderr, again.stderr[-3000:]
+    assert cli(*args, "--out", tmp_path / "straight").returncode == 0
+    for suffix in (".tokens", ".json"):
+        assert (tmp_path / "full" / f"d{suffix}").read_bytes() == (tmp_path / "straight" / f"d{suffix}").read_bytes()

@@ -4,8 +4,13 @@
 
 On a 2x2 (data, fsdp) mesh, train.train must give the losses of plain PyTorch on the CPU, with each parameter
 split over the fsdp axis, one compiled step reused every step, and sharded checkpoints (each device's shard,
-through torch_xla's planners) that resume on XLA or on the CPU."""
+through torch_xla's planners) that resume on XLA, on 2 devices instead of 4, or on the CPU."""
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,8 +121,16 @@ def test_parameters_optimizer_state_and_batches_are_sharded():
     assert torch_xla._XLAC._get_xla_sharding_spec(tokens) == "{devices=[4,1]0,1,2,3}"  # 2 rows per device
 
 
-def test_checkpoint_saved_under_spmd_is_sharded_and_resumes_on_xla_and_on_cpu(tmp_path, cpu, xla):
-    first = run(settings(tmp_path / "xla", "--stop_at=3"))
+@pytest.fixture(scope="module")
+def xla_at_step_3(tmp_path_factory):
+    """A run on the 4 devices stopped after step 3: its losses and its out_dir (tests copy it)."""
+    out = tmp_path_factory.mktemp("xla3") / "run"
+    return run(settings(out, "--stop_at=3")), out
+
+
+def test_checkpoint_saved_under_spmd_is_sharded_and_resumes_on_xla_and_on_cpu(tmp_path, cpu, xla, xla_at_step_3):
+    first, saved = xla_at_step_3
+    shutil.copytree(saved, tmp_path / "xla")
     folder = tmp_path / "xla" / "ckpt-000003"  # torch_xla's planners: each device's shard, nothing gathered
     assert (tmp_path / "xla" / "latest").read_text() == "ckpt-000003"
     assert not (tmp_path / "xla" / "ckpt.pt").exists()
@@ -128,3 +141,24 @@ def test_checkpoint_saved_under_spmd_is_sharded_and_resumes_on_xla_and_on_cpu(tm
     assert losses(first + resumed) == pytest.approx(losses(xla), abs=1e-6)
     resumed_cpu = run(settings(tmp_path / "cpu", *ON_CPU, "--resume"))  # the same checkpoint, on the CPU
     assert losses(first + resumed_cpu) == pytest.approx(losses(cpu), abs=1e-5)
+
+
+# a process whose XLA runtime has 2 CPU devices (the count is fixed when the runtime starts): it resumes the run
+RESUME_ON_2_DEVICES = """import json, sys
+sys.path[:0] = [{here!r}, {root!r}]
+import test_spmd as t
+print(json.dumps(t.losses(t.run(t.settings(sys.argv[1], "--resume")))))
+"""
+
+
+def test_checkpoint_saved_on_4_devices_resumes_on_2(tmp_path, xla, xla_at_step_3):
+    first, saved = xla_at_step_3
+    out = shutil.copytree(saved, tmp_path / "run")
+    here = Path(__file__).resolve().parent
+    script = RESUME_ON_2_DEVICES.format(here=str(here), root=str(here.parents[1]))
+    child = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "2"})
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "device: 2 x" in child.stdout  # a (1, 2) mesh: each parameter in halves, as on 4 devices' fsdp axis
+    resumed = json.loads(child.stdout.strip().splitlines()[-1])  # 4 accumulated micro-batches instead of 2
+    assert losses(first) + resumed == pytest.approx(losses(xla), abs=1e-5)
