@@ -84,6 +84,15 @@ PROFILES = {
                   queries=4, videos=4, ablation_stage2_steps=10, num_samples=2,
                   scale_sizes=("micro", "tiny", "mini"), mapping_steps=10, long_videos=2),
 }
+# the photo world (toy/photoworld.py, --photos): the same steps and the toy codec's layout (16
+# tokens per 32x32 picture); budgets of its own
+PHOTO_PROFILES = {
+    "cpu": {**PROFILES["cpu"], "vqgan": dict(max_steps=200, batch_size=16, num_embeddings=512)},
+    "gpu": {**PROFILES["gpu"], "vqgan": dict(max_steps=400, batch_size=64, num_embeddings=2048)},
+    "ci": {**PROFILES["ci"], "vqgan": dict(max_steps=100, batch_size=16, num_embeddings=512)},
+    "quick": {**PROFILES["quick"], "world": dict(num_images=200, num_val_images=24,
+                                                 num_videos=16, num_val_videos=6, frames=20)},
+}
 # Table 5's rows: which sequence kinds stage 2 mixes, with what weights
 # ("natural+discriminative" is the recipe)
 MIXTURES = {"natural": "natural:1", "generative": "generative:1",
@@ -120,9 +129,12 @@ def train_models(out, p, random_stage1=False, mix=None, stage1_tag="", stage2_ta
     variant (its own size, stage-1 steps, stage-2 steps, mixture, pair files; stage 2 starts from
     its stage 1, or from stage2_init)."""
     py, world, vq, tok = sys.executable, out / "world", out / "vqgan", out / "tokens"
+    maker = [str(ROOT / "toy" / "toyworld.py")]
+    if "photos" in p:  # the photo world: from its folder, or the packages' sample photos
+        maker = [str(ROOT / "toy" / "photoworld.py")] + (["--photos", p["photos"]] if p["photos"]
+                                                          else [])
     # redone if cut
-    run([py, str(ROOT / "toy" / "toyworld.py"), "--out", str(world), "--seed", "0"]
-        + flags(p["world"]), world)
+    run([py] + maker + ["--out", str(world), "--seed", "0"] + flags(p["world"]), world)
     # a patch codec, started from PCA and k-means of the patches: a few hundred steps of
     # fine-tuning suffice
     run([py, str(ROOT / "tools" / "vqgan_train.py"), "--data", str(world / "train"),
@@ -242,20 +254,34 @@ def main(argv=None):
     ap.add_argument("--ablation", choices=["pretrain", "finetune"] + list(STUDIES),
                     help="Table 4, 5 or 6, Figure 6 or 12 in miniature, or the mapping probe")
     ap.add_argument("--docs", help="also copy the tables and pictures to this folder (e.g. docs)")
-    ap.add_argument("--out", help="output folder (default out/toy, out/toy-quick or out/toy-gpu)")
+    ap.add_argument("--out", help="output folder (default out/toy, out/toy-quick or out/toy-gpu; "
+                                  "with --photos out/photos...)")
+    ap.add_argument("--photos", nargs="?", const="", metavar="DIR",
+                    help="the method on photos (toy/photoworld.py, work in progress): a folder of "
+                         "JPEG / PNG / WebP, or none for the sample photos of scikit-image")
     a = ap.parse_args(argv)
     if a.quick and a.profile not in (None, "quick"):
         ap.error(f"--quick is --profile quick; drop one of --quick and --profile {a.profile}")
     profile = pick_profile(a)
-    p = PROFILES[profile]
+    p = PROFILES[profile] if a.photos is None else {**PHOTO_PROFILES[profile], "photos": a.photos}
+    if a.photos is not None and a.ablation:
+        ap.error("--ablation runs on the toy world; drop --photos")
     if p["device"] == "cuda" and not torch.cuda.is_available():
         ap.error("--profile gpu needs a CUDA GPU; use --profile cpu")
     if p["device"] == "cpu":  # the same bits every run, here and in each step's process
         distributed.repeatable_cpu_math()
-    out = Path(a.out or ("out/toy" if profile == "cpu" else f"out/toy-{profile}"))
+    world_name = "toy" if a.photos is None else "photos"
+    default_out = f"out/{world_name}" if profile == "cpu" else f"out/{world_name}-{profile}"
+    out = Path(a.out or default_out)
     for flag, folder in (("--out", out), ("--docs", a.docs)):  # checked before hours of work
         if folder and Path(folder).exists() and not Path(folder).is_dir():
             ap.error(f"{flag} {folder} is a file; pass a folder")
+    if a.photos is not None and not (out / "world" / ".done").exists():
+        from toy import photoworld  # bad photos: one line, nothing written
+        try:
+            photoworld.find_photos(a.photos or None)
+        except photoworld.PhotoError as e:
+            sys.exit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if a.ablation in STUDIES:  # the studies of toy/studies.py, on the demo's models
@@ -294,7 +320,10 @@ def main(argv=None):
     else:
         stage1, stage2 = train_models(out, p)
         models = {"stage 1 only": stage1, "stage 1 + stage 2 (LVM-Lite)": stage2}
-        title, notes = "In-context tasks on held-out toy data", ""
+        title = ("In-context tasks on held-out toy data" if a.photos is None else
+                 "In-context tasks on held-out photos (" + json.loads(
+                     (out / "world" / "meta.json").read_text())["source"] + ")")
+        notes = ""
     train_seconds = time.time() - t0
     results = evaluate_models(out, models, p)
     rows = summary_rows(results)
@@ -323,10 +352,10 @@ def main(argv=None):
     pictures += [r["curve"]["plot"] for r in results.values() if "curve" in r]
     publish(out, a.ablation, text, dict(rows=rows, results=results, wall_seconds=wall,
                                         profile=profile), pictures, a.docs,
-            summary=text.split("\n\n#### ")[0].split("\n\n| Model")[0])
+            prefix=world_name, summary=text.split("\n\n#### ")[0].split("\n\n| Model")[0])
 
 
-def publish(out, ablation, text, record, pictures, docs=None, summary=None):
+def publish(out, ablation, text, record, pictures, docs=None, summary=None, prefix="toy"):
     """OUT/results[-ABLATION].md and .json; with docs, they and the pictures also go there as
     toy_results[-ABLATION].md, .json and toy_NAME.png."""
     name = f"results{'-' + ablation if ablation else ''}"
@@ -339,12 +368,12 @@ def publish(out, ablation, text, record, pictures, docs=None, summary=None):
     if docs:
         Path(docs).mkdir(parents=True, exist_ok=True)
         for suffix in (".md", ".json"):
-            shutil.copy(out / f"{name}{suffix}", Path(docs) / f"toy_{name}{suffix}")
+            shutil.copy(out / f"{name}{suffix}", Path(docs) / f"{prefix}_{name}{suffix}")
         for picture in map(Path, filter(None, pictures)):
             # segmentation_toy.png -> toy_segmentation.png, generation_toy_segmentation.png ->
             # toy_generation.png
             stem = re.sub(r"_toy(_segmentation)?$", "", picture.stem)
-            shutil.copy(picture, Path(docs) / f"toy_{stem}.png")
+            shutil.copy(picture, Path(docs) / f"{prefix}_{stem}.png")
         print(f"copied to {docs}/")
 
 
