@@ -119,6 +119,10 @@ def test_bad_input_gets_one_line_and_writes_nothing(tmp_path, case):
     assert not out.exists()
 
 
+@pytest.mark.decoder
+@pytest.mark.tokenizer
+@pytest.mark.data
+@pytest.mark.inference
 def test_whole_command_at_quick_on_a_handful_of_photos(tmp_path):
     photos = photo_folder(tmp_path / "photos", n=8)
     out = tmp_path / "out"

@@ -176,6 +176,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data)
 
 
 @pytest.mark.decoder
+@pytest.mark.data
 def test_bad_inputs_stop_with_a_clear_message(tmp_path, data):
     with pytest.raises(SystemExit, match="cannot read the token files .*missing"):
         pretrain.main(tiny(tmp_path, data, f"--data={tmp_path / 'missing'}"))
