@@ -123,12 +123,10 @@ def test_bad_input_gets_one_line_and_writes_nothing(tmp_path, case):
 @pytest.mark.tokenizer
 @pytest.mark.data
 @pytest.mark.inference
-def test_whole_command_at_quick_on_a_handful_of_photos(tmp_path):
+def test_whole_command_at_quick_on_a_handful_of_photos(tmp_path, run_script):
     photos = photo_folder(tmp_path / "photos", n=8)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "run_toy.py", "--photos", str(photos), "--quick", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script([sys.executable, "run_toy.py", "--photos", str(photos), "--quick", "--out", str(out)], cwd=ROOT)
     record = json.loads((out / "results.json").read_text())
     lvm = record["results"]["stage 1 + stage 2 (LVM-Lite)"]
     assert set(lvm["tasks"]["identified"]) == {"segmentation", "edges", "depth", "inpainting", "colorization"}
