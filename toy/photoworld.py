@@ -406,11 +406,7 @@ def generate(out, photos=None, val_photos=None, seed=0, workers=None, **counts):
                 recipe=dict(scales=SCALES, bands=BANDS, edge_threshold=EDGE_THRESHOLD,
                             edge_sigma=EDGE_SIGMA, depth_scale=DEPTH_SCALE, pan_range=PAN_RANGE, zoom_share=ZOOM_SHARE,
                             zoom_ratio=ZOOM_RATIO))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return meta
+    return toyworld.finish(tmp, out, meta)
 
 
 def main(argv=None):

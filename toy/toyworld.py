@@ -279,6 +279,12 @@ def generate(out, seed=0, workers=None, **counts):
                 tasks=TASKS,
                 mapping=dict(folder="recoloured", colours=MAP_COLOURS.tolist(), group=GROUP,
                              palettes={s: palettes(s).tolist() for s in per_split}))
+    return finish(tmp, out, meta)
+
+
+def finish(tmp, out, meta):
+    """Write meta.json into the finished folder tmp, then put it in out's place in one rename: an
+    interrupted run never leaves a half world at out. Returns meta."""
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
         shutil.rmtree(out)
