@@ -39,7 +39,6 @@ meta.json's `skipped` and on stderr, and left out.
 """
 import argparse
 import hashlib
-import json
 import multiprocessing
 import os
 import shutil
