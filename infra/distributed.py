@@ -17,6 +17,7 @@ inserts the collectives.
 import contextlib
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -375,6 +376,11 @@ def all_ok(ok, env):
 
 def cleanup():
     if dist.is_initialized():
+        # A gloo worker thread frees its last collective's tensors just after the collective
+        # returns, and that needs the GIL. Give it the GIL first: the group's destructor (run
+        # later, when DDP is freed, with the GIL held) joins that thread and would otherwise wait
+        # for it forever (seen as a rare hang at exit after a failed checkpoint write).
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 
