@@ -763,6 +763,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="model weights (default: bfloat16 on a GPU; on a CPU the checkpoint's own "
                         "dtype, bfloat16 where float32 would not fit in memory)")
+    p.add_argument("--quantize", metavar="int8|int4",
+                   help="the blocks' linear weights in 8 (or 4) bits (infra/quantize.py)")
     args = p.parse_args(argv)
     if not (args.protocol and args.model):
         p.error("pass a protocol (e.g. segmentation, or all), --model, and --vqgan and --data (the "
@@ -792,7 +794,8 @@ def main(argv=None):
     runs += [(name, run, cfg) for name, run in protocols.items() if name in wanted]
     extractors, results = {}, []
     try:
-        model = load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else "auto")
+        model = load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else "auto",
+                           quantize=args.quantize)
         if runs:
             tokenizer = load_pretrained(args.vqgan, device)
         for protocol, run, c in runs:

@@ -223,6 +223,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="model weights (default: bfloat16 on a GPU; on a CPU the checkpoint's own "
                         "dtype, bfloat16 where float32 would not fit in memory)")
+    p.add_argument("--quantize", metavar="int8|int4",
+                   help="the blocks' linear weights in 8 (or 4) bits, activations in --dtype "
+                        "(infra/quantize.py): about half (a quarter) of bfloat16's memory, "
+                        "faster decoding; int4 on a CPU only")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (infra/fast_decode.py): the same tokens, several "
                         "times faster; the first call compiles for seconds to a minute")
@@ -252,7 +256,8 @@ def main(argv=None):
         device = torch.device(args.device)
         tokenizer = load_pretrained(args.vqgan, device=device)
         # default: the checkpoint's dtype (LVM's bfloat16 stays bfloat16), bfloat16 on a GPU
-        model = load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else "auto")
+        model = load_model(args.model, device, getattr(torch, args.dtype) if args.dtype else "auto",
+                           quantize=args.quantize)
         R = tokenizer.config["resolution"]
         if args.unconditional:
             prompt, cut = None, 0

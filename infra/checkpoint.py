@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from configs import MODEL_SIZES
-from infra import distributed, sharded_checkpoint
+from infra import distributed, quantize as quantization, sharded_checkpoint
 from infra.sharded_checkpoint import write_file
 from infra.settings import TrainingError
 from model import ModelArgs, Transformer
@@ -49,22 +49,24 @@ HF_NAMES = [
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
-def load_model(path, device="cpu", dtype=None):
+def load_model(path, device="cpu", dtype=None, quantize=None):
     """An eval-mode Transformer from a training checkpoint (a ckpt.pt, a sharded checkpoint's
     folder, or the out_dir holding either) or a Hugging Face LLaMA directory (config.json +
     safetensors or pytorch_model.bin, one file or shards). dtype: cast the weights (default: as
     stored); "auto": bfloat16 on a GPU, on a CPU the stored dtype, or bfloat16 for a float32
-    checkpoint too big for free memory (said in one line). A Hugging Face directory is checked
-    against free memory before it is read: a MemoryError of one line says what is needed and what
-    helps."""
+    checkpoint too big for free memory (said in one line). quantize: "int8" or "int4", the blocks'
+    linear weights quantized as they are read (infra/quantize.py), dtype then being the compute
+    dtype. A Hugging Face directory is checked against free memory before it is read: a
+    MemoryError of one line says what is needed and what helps."""
     path, device = Path(path), torch.device(device)
+    quantization.check_mode(quantize, device)
     if path.is_dir() and (path / "config.json").exists():
         args, stored = _hf_args_and_dtype(path)
         if dtype == "auto":
-            dtype = auto_dtype(args, stored, device)
-        check_memory(args, dtype or stored, device)
+            dtype = auto_dtype(args, stored, device, quantize)
+        check_memory(args, dtype or stored, device, quantize)
         try:
-            args, state = _read_hf(path, dtype)
+            args, state = _read_hf(path, dtype, quantize)
         except (MemoryError, RuntimeError) as e:  # failed anyway (a limit that is not RAM)
             if not isinstance(e, MemoryError) and not re.search("alloc|mmap|memory", str(e)):
                 raise
@@ -81,21 +83,35 @@ def load_model(path, device="cpu", dtype=None):
             while name.startswith(WRAPPER_PREFIXES):
                 name = name.split(".", 1)[1]
             state[name] = tensor
+        if quantize and quantization.stored_mode(state):
+            raise ValueError(f"{path} holds a model quantized to {quantization.stored_mode(state)} "
+                             "already: load it without --quantize")
+        if quantize:  # each float tensor dropped from the checkpoint's dict once quantized
+            state = quantization.quantize_state(_popped(state), quantize, dtype)
     return model_from_state(args, state, device, dtype, source=path)
+
+
+def _popped(state):
+    while state:
+        yield state.popitem()
 
 
 def model_from_state(args, state, device="cpu", dtype=None, source="the state dict"):
     """An eval-mode Transformer holding these weights: built on the meta device (no memory for
     random weights that would be overwritten: it matters at 7B), then given the tensors
-    themselves."""
+    themselves. A quantized state (infra/quantize.py) gets the quantized linear modules; dtype
+    casts only floating tensors (never int8 weights)."""
     with torch.device("meta"):
         model = Transformer(args)
+    if quantization.stored_mode(state):
+        quantization.swap_linears(model, quantization.stored_mode(state), state)
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     if missing or unexpected:
         raise ValueError(f"{source}: the weights do not match the model ({len(missing)} missing, "
                          f"e.g. {sorted(missing)[:2]}; {len(unexpected)} unexpected, e.g. "
                          f"{sorted(unexpected)[:2]})")
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=(dtype or v.dtype) if v.is_floating_point() else v.dtype)
+             for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.init_rope(device)
     return model.eval()
@@ -141,8 +157,8 @@ def load_checkpoint(path, keys=("model", "model_args", "optimizer", "step", "dat
 # memory: what a model needs against what is free, checked before loading (a 7B model in float32
 # needs 26 GB: on a 24 GB machine the kernel would kill the process without a word)
 
-MEMORY_HELP = ("pass --dtype bfloat16 (half of float32), run on a GPU (--device cuda), or use a "
-               "smaller model")
+MEMORY_HELP = ("pass --dtype bfloat16 (half of float32) or --quantize int8 (a quarter), run on a "
+               "GPU (--device cuda), or use a smaller model")
 
 
 def free_memory(device):
@@ -157,31 +173,37 @@ def free_memory(device):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_needed(args, dtype):
-    """Bytes of the weights in dtype plus the key/value cache of one full context."""
+def memory_needed(args, dtype, quantize=None):
+    """Bytes of the weights in dtype (the blocks' linear weights in quantize's bytes, when given)
+    plus the key/value cache of one full context, in dtype."""
     size = torch.empty(0, dtype=dtype).element_size()
     with torch.device("meta"):
         params = Transformer(args).num_params()
     head_dim = args.dim // args.n_heads
     cache = 2 * args.n_layers * args.max_seq_len * args.n_kv_heads * head_dim
-    return (params + cache) * size
+    if not quantize:
+        return (params + cache) * size
+    kv_dim = args.n_kv_heads * head_dim  # the quantized weights: wq wo, wk wv, w1 w2 w3
+    linear = args.n_layers * args.dim * (2 * args.dim + 2 * kv_dim + 3 * args.hidden_dim)
+    return int((params - linear + cache) * size + linear * quantization.bytes_per_weight(quantize))
 
 
-def auto_dtype(args, stored, device):
+def auto_dtype(args, stored, device, quantize=None):
     """bfloat16 on a GPU; on a CPU the stored dtype, unless float32 would not fit in free memory."""
     if device.type != "cpu":
         return torch.bfloat16
-    if stored == torch.float32 and memory_needed(args, stored) > free_memory(device):
-        print(f"note: the float32 weights need {memory_needed(args, stored) / 2**30:.1f} GB, more "
-              f"than the {free_memory(device) / 2**30:.1f} GB free: loading them in bfloat16")
+    need = memory_needed(args, stored, quantize)
+    if stored == torch.float32 and need > free_memory(device):
+        print(f"note: the float32 weights need {need / 2**30:.1f} GB, more than the "
+              f"{free_memory(device) / 2**30:.1f} GB free: loading them in bfloat16")
         return torch.bfloat16
     return stored
 
 
-def check_memory(args, dtype, device):
-    need, free = memory_needed(args, dtype), free_memory(device)
+def check_memory(args, dtype, device, quantize=None):
+    need, free = memory_needed(args, dtype, quantize), free_memory(device)
     if need > free:
-        name = str(dtype).removeprefix("torch.")
+        name = str(dtype).removeprefix("torch.") + (f" with {quantize} weights" if quantize else "")
         raise MemoryError(f"the model needs {need / 2**30:.1f} GB in {name} (weights and a full "
                           f"key/value cache) but {free / 2**30:.1f} GB is free on {device.type}: "
                           f"{MEMORY_HELP}")
@@ -410,21 +432,49 @@ def _hf_args_and_dtype(path):
     return args, torch.float32
 
 
-def _read_hf(path, dtype=None):
+def _read_hf(path, dtype=None, quantize=None):
     """(ModelArgs, our state dict) of a Hugging Face LLaMA directory, each file's tensors cast to
-    dtype as they are read, so the peak is the model plus one file."""
+    dtype as they are read, so the peak is the model plus one file. quantize: the blocks' linear
+    weights quantized one tensor at a time as they are read (infra/quantize.py)."""
     from safetensors.torch import load_file
     cfg, args = _hf_config(path)
     state = {}
     for file in _hf_weight_files(path):
-        tensors = (load_file(str(path / file)) if file.endswith(".safetensors")
-                   else torch.load(path / file, map_location="cpu", weights_only=True, mmap=True))
-        state.update({rename(k): v.to(dtype or v.dtype) for k, v in tensors.items()
-                      if rename(k) is not None})
-        del tensors
+        if quantize and file.endswith(".safetensors"):
+            tensors = _read_safetensors(path / file)
+        else:
+            tensors = (load_file(str(path / file)) if file.endswith(".safetensors") else
+                       torch.load(path / file, map_location="cpu", weights_only=True, mmap=True))
+            tensors = tensors.items()
+        named = ((rename(k), v) for k, v in tensors if rename(k) is not None)
+        state.update(quantization.quantize_state(named, quantize, dtype))
+        del tensors, named
     if "output.weight" not in state and cfg.get("tie_word_embeddings"):
         state["output.weight"] = state["tok_embeddings.weight"]
     return args, state
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _read_safetensors(file):
+    """(name, tensor) of a safetensors file, one tensor at a time, read with plain file reads.
+    Not memory-mapped: a mapped file's pages count in the process's memory until it is closed,
+    a whole shard (5 GB) on top of a quantized 7B, while a tensor read here is freed once
+    quantized."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")  # the format: header length, JSON header, data
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{file}: {name} is stored as {info['dtype']}, not a float type "
+                                 "that can be quantized")
+            start, end = info["data_offsets"]
+            f.seek(8 + n + start)
+            data = torch.empty(end - start, dtype=torch.uint8)
+            f.readinto(data.numpy())
+            yield name, data.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
 
 
 def save_hf(model, path, dtype=None, max_shard_bytes=5 * 2**30):

@@ -67,7 +67,7 @@ def test_an_allocation_failure_while_loading_anyway_ends_in_one_line(tmp_path, m
     line saying what helps."""
     folder = released(tmp_path / "hf", torch.bfloat16)
 
-    def out_of_memory(path, dtype=None):
+    def out_of_memory(path, dtype=None, quantize=None):
         raise RuntimeError("unable to mmap 13340000000 bytes from file </x>: Cannot allocate memory (12)\nmore")
 
     monkeypatch.setattr(checkpoint, "_read_hf", out_of_memory)
