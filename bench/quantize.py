@@ -11,9 +11,15 @@ the whole model), one token at a time, as decoding runs them. Each way is timed 
 
     python bench/quantize.py              # 4 blocks' linears; prints a Markdown table
     python bench/quantize.py --blocks 2 --threads 2
+    python bench/quantize.py --toy out/toy # the quality instead, on the toy demo's model (`python run_toy.py`)
 
 Reported: milliseconds per token for the 7 x blocks linears, the weight bytes read per second (GB/s), and the speed
 against bfloat16's (the same call kind: eager against eager, compiled against compiled).
+
+--toy: the toy demo's stage-2 model in float32, int8 and int4, on its scored protocol (evaluate.eval_segmentation:
+one prompt pair from the training split, the 96 held-out queries run_toy.py scores): greedy answer tokens (how many
+positions agree with the unquantized model's), then the protocol as scored (top-k 100, temperature 1, seed 0): mIoU
+and answer-token accuracy; and the logits' relative error over 8 held-out videos (256 tokens each).
 """
 import argparse
 import copy
@@ -91,7 +97,11 @@ def torchao(model, mode):
 
 
 def weight_bytes(model):
-    return sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
+    def nbytes(t):  # torchao's weights are tensor subclasses: count the tensors they hold
+        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+            return sum(nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+        return t.numel() * t.element_size()
+    return sum(nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
 
 
 def time_per_call(fn, inputs, repeats):
@@ -104,14 +114,60 @@ def time_per_call(fn, inputs, repeats):
     return (time.perf_counter() - t0) / repeats
 
 
+def toy_quality(out, queries=96):
+    """The table of --toy: a row per weight format of the toy demo's stage-2 model."""
+    from dataclasses import replace
+    import evaluate
+    from data import load_tokens
+    from infra.checkpoint import load_model
+    from infra.vqgan_checkpoint import load_pretrained
+    out = Path(out)
+    tokenizer, world = load_pretrained(out / "vqgan", "cpu"), out / "world"
+    answers = []  # the answer tokens of the last generate calls, recorded around evaluate's own call
+
+    def recording(*args, **kwargs):
+        seq = evaluate_generate(*args, **kwargs)
+        answers.append(seq[:, -16:].clone())
+        return seq
+    evaluate_generate, evaluate.generate = evaluate.generate, recording
+    cfg = evaluate.EvalConfig(limit=queries, prompt_split="train")
+    # logits over held-out sequences: 8 of the held-out videos' 256 tokens (16 frames of 16 tokens)
+    frames = load_tokens(out / "tokens" / "val_video").tokens[:8 * 16]
+    sequences = torch.as_tensor(frames.astype("int64")).view(8, 256)
+    rows = ["| weights | greedy answer tokens agreeing with float32 | mIoU, greedy (%) | mIoU, as scored (%) | "
+            "answer tokens right, as scored (%) | logits' relative error |", "|---|---|---|---|---|---|"]
+    reference = reference_logits = None
+    for mode in (None, "int8", "int4"):
+        model = load_model(out / "stage2", "cpu", quantize=mode)
+        answers.clear()
+        greedy = evaluate.eval_segmentation(model, tokenizer, world, replace(cfg, temperature=0))
+        tokens = torch.cat(answers)
+        scored = evaluate.eval_segmentation(model, tokenizer, world, cfg)
+        with torch.inference_mode():
+            logits = model(sequences)[0].float()
+        if mode is None:
+            reference, reference_logits = tokens, logits
+        agree = (tokens == reference).float().mean().item()
+        error = ((logits - reference_logits).norm() / reference_logits.norm()).item()
+        rows.append(f"| {mode or 'float32'} | {100 * agree:.1f}% of {tokens.numel()} | {greedy['model']['miou']:.1f} | "
+                    f"{scored['model']['miou']:.1f} | {scored['model']['token_accuracy']:.1f} | "
+                    f"{'-' if mode is None else f'{error:.4f}'} |")
+        print(rows[-1], flush=True)
+    evaluate.generate = evaluate_generate
+    print("\n".join(rows))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--toy", metavar="OUT", help="the quality on the toy demo's models in OUT (e.g. out/toy) instead")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
+    if a.toy:
+        return toy_quality(a.toy)
     base = Linears(a.blocks)
     inputs = {n: torch.randn(1, n, dtype=torch.bfloat16) for n in (4096, 11008)}
     ways = [("bfloat16 nn.Linear", lambda: base), ("ours, int8 (_weight_int8pack_mm)", lambda: ours(base, "int8")),

@@ -130,6 +130,7 @@ def main():
     p.add_argument("--layouts", type=int, nargs="+", default=[16, 256], help="tokens per image")
     p.add_argument("--quantize", nargs="+", default=["none", "int8"], choices=["none", "int8", "int4"],
                    help="weight formats to time (none: the checkpoint's bfloat16), in this order")
+    p.add_argument("--skip_sample_py", action="store_true", help="leave out the sample.py runs (the table only)")
     p.add_argument("--row", nargs=4, metavar=("FORMAT", "LAYOUT", "COMPILE", "LOGITS"),
                    help="(used by the script itself) measure one row in this process and print it as JSON")
     a = p.parse_args()
@@ -156,7 +157,7 @@ def main():
         command = [sys.executable, str(ROOT / "sample.py"), "--model", str(folder), "--vqgan", str(vq[a.layouts[0]]),
                    "--prompt", str(pictures[0]), str(pictures[1]), "--query", str(pictures[2]), "--device", "cpu",
                    "--out_dir", str(tmp / "out")]
-        for mode in a.quantize:
+        for mode in [] if a.skip_sample_py else a.quantize:
             quantize = [] if mode == "none" else ["--quantize", mode]
             timed = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command, *quantize], capture_output=True,
                                    text=True)

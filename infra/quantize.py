@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 MODES = ("int8", "int4")
 INT4_GROUP = 128
+PREFILL_ROWS = 128  # from this many rows (tokens) on, int8 dequantizes into F.linear: see Int8Linear
 # the names (in our layout) of the weights that are quantized: the blocks' linear layers
 QUANTIZED = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
 
@@ -83,9 +84,11 @@ def int4_weight(weight, dtype, group=INT4_GROUP):
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T with W stored as int8 and a scale per output channel. On a CPU torch's
-    _weight_int8pack_mm reads the int8 weight directly; elsewhere the weight is dequantized inside
-    F.linear's input (a compiled graph fuses the two)."""
+    """y = x W^T with W stored as int8 and a scale per output channel. Decoding on a CPU (a few
+    rows): torch's _weight_int8pack_mm reads the int8 weight directly. Prefill (many rows: compute,
+    not memory, bound; that kernel was 3x slower than bfloat16 at 768 rows on this project's CPU)
+    and other devices: the weight dequantized into F.linear's input (a compiled graph fuses the
+    two)."""
 
     def __init__(self, weight, scale):
         super().__init__()
@@ -93,7 +96,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     def forward(self, x):
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and x.numel() < PREFILL_ROWS * x.shape[-1]:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight,
                                                    self.scale)
             return y.reshape(*x.shape[:-1], -1)
