@@ -60,7 +60,7 @@ PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 SIZE, CELL, MASK = 32, 8, 16
 DEFAULTS = dict(num_images=10000, num_val_images=200, num_videos=1000, num_val_videos=100,
                 frames=20)
-SCALES = (1 / 16, 1 / 2)  # crop side as a fraction of the photo's shorter side (log-uniform)
+SCALES = (1 / 32, 1 / 8)  # crop side as a fraction of the photo's shorter side (log-uniform)
 WORK_SIDE = 768  # photos are read with their shorter side at most this (crops are 32 px anyway)
 MIN_PHOTOS = 4  # at least 1 held-out photo and 3 to train on
 VAL_FRACTION, MAX_VAL_PHOTOS = 0.2, 100
