@@ -38,12 +38,12 @@ def counting_sequences(n, length, vocab, generator):
 
 @pytest.fixture(scope="module")
 def trained():
-    """SMALL trained for 150 steps on counting sequences (a few seconds)."""
+    """SMALL trained for 100 steps on counting sequences (a few seconds)."""
     torch.manual_seed(0)
     model, generator = Transformer(SMALL), torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        seq = counting_sequences(32, 33, SMALL.vocab_size, generator)
+    for _ in range(100):
+        seq = counting_sequences(16, 33, SMALL.vocab_size, generator)
         loss = model(seq[:, :-1], seq[:, 1:])[1]
         optimizer.zero_grad()
         loss.backward()
