@@ -20,7 +20,7 @@ from configs import MODEL_SIZES
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.decoder, pytest.mark.usefixtures("one_thread")]  # every test builds a Transformer
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ModelArgs(dim=128, n_layers=2, n_heads=4, hidden_dim=256, vocab_size=64, max_seq_len=64)
 
 
@@ -84,6 +84,7 @@ def test_the_round_trip_of_a_weight_loses_little(mode, bound):
     assert relative_error(model.layers[0].feed_forward.w1(x), F.linear(x, restored)) < 1e-5
 
 
+@pytest.mark.decoder
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activations_stay_in_the_compute_dtype_and_only_the_blocks_linears_are_quantized(trained, dtype):
     model = quantized(trained, "int8", dtype)
@@ -94,6 +95,7 @@ def test_activations_stay_in_the_compute_dtype_and_only_the_blocks_linears_are_q
     assert logits.dtype == dtype
 
 
+@pytest.mark.decoder
 @pytest.mark.inference
 def test_greedy_tokens_and_logits_of_a_trained_model_agree_with_the_unquantized_ones(trained):
     """int8: >= 97% of greedy tokens (in practice all) and logits within 2%; int4: reported (pinned loosely)."""
@@ -107,6 +109,7 @@ def test_greedy_tokens_and_logits_of_a_trained_model_agree_with_the_unquantized_
         assert relative_error(model(prompts)[0], logits) < error, mode
 
 
+@pytest.mark.decoder
 @pytest.mark.parametrize("layout", ["ckpt", "hf"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_load_model_quantizes_both_layouts_as_it_reads(tmp_path, trained, layout, mode):
@@ -124,6 +127,7 @@ def test_load_model_quantizes_both_layouts_as_it_reads(tmp_path, trained, layout
     assert relative_error(model(prompt)[0], plain(prompt)[0]) < (0.02 if mode == "int8" else 0.2)
 
 
+@pytest.mark.decoder
 def test_a_saved_quantized_model_loads_as_it_is_and_refuses_a_second_quantization(tmp_path, trained):
     model = quantized(trained, "int8")
     save_checkpoint(tmp_path / "ckpt.pt", dict(model=model.state_dict(), model_args=vars(SMALL)))
@@ -137,6 +141,7 @@ def test_a_saved_quantized_model_loads_as_it_is_and_refuses_a_second_quantizatio
         quantize.quantize_model(model, "int8")
 
 
+@pytest.mark.decoder
 def test_the_memory_check_counts_the_quantized_size(tmp_path, monkeypatch, trained):
     """The released 7B: about 14 GB in bfloat16 (weights and a full cache), about 8 GB with int8 weights (a 16 GB
     machine holds it), about 5 GB with int4. A machine with room for the int8 model only loads it with --quantize."""
@@ -155,6 +160,7 @@ def test_the_memory_check_counts_the_quantized_size(tmp_path, monkeypatch, train
         load_model(folder, "cpu", "auto", quantize="int8")
 
 
+@pytest.mark.decoder
 def test_loading_int8_peaks_at_the_int8_model_not_the_bfloat16_one(tmp_path):
     """A bfloat16 checkpoint read with int8 weights in a fresh process: the memory it adds stays near the int8 model
     (plus a tensor being quantized), well under the bfloat16 model that memory-mapped loading would touch."""
@@ -187,6 +193,7 @@ def test_loading_int8_peaks_at_the_int8_model_not_the_bfloat16_one(tmp_path):
     assert added < 0.75 * bf16, (added, int8, bf16)
 
 
+@pytest.mark.decoder
 def test_bad_values_stop_with_one_line(tmp_path, trained, capsys):
     folder, tokenizer = tmp_path / "hf", tmp_path / "vq"
     save_hf(trained, folder)
