@@ -362,9 +362,12 @@ def tokenize(units, kind, opts, model, tokenizer, out, name, info=None, batch_si
     partial.touch()
     tasks = [(b, blocks[b][i:i + TASK[kind]]) for b in range(lo + len(records), hi)
              for i in range(0, len(blocks[b]), TASK[kind])]
+    # FFmpeg keeps thread pools that a forked worker inherits dead (it hangs if this process decoded
+    # a video before): video workers start as fresh processes
+    context = "spawn" if num_workers and kind == "video" else None
     loader = DataLoader(Loader([task for _, task in tasks], opts), batch_size=None,
                         num_workers=num_workers, pin_memory=next(model.parameters()).is_cuda,
-                        prefetch_factor=4 if num_workers else None)
+                        prefetch_factor=4 if num_workers else None, multiprocessing_context=context)
     bar = tqdm(total=sum(map(len, blocks[lo:hi])),
                initial=sum(map(len, blocks[lo:lo + len(records)])), desc=name,
                unit="input", dynamic_ncols=True)

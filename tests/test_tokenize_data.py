@@ -230,7 +230,7 @@ def test_video_files_and_frame_folders_with_a_stride(tmp_path, ckpt):
     units = td.list_videos([str(tmp_path)])
     assert [u[0] for u in units] == ["video", "video", "frames"]
     opts = {"size": 32, "stride": 2, "max_frames": 100}
-    decoded = td.load_unit(units[0], opts)
+    decoded = td.load_unit(units[0], opts)  # decoded here first: a forked worker would then hang in FFmpeg
     assert len(decoded) == 6 and all(np.abs(f.astype(int) - c).mean() < 20 for f, c in zip(decoded, colours[::2]))
     assert [f[0, 0, 0] for f in td.load_unit(units[2], opts)] == [0, 40, 80, 120, 160, 200]
     td.main(["video", "--input", str(tmp_path), "--stride", "2", "--vqgan", str(ckpt), "--out",
