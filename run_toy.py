@@ -263,7 +263,7 @@ def main(argv=None):
     ap.add_argument("--out", help="output folder (default out/toy, out/toy-quick or out/toy-gpu; "
                                   "with --photos out/photos...)")
     ap.add_argument("--photos", nargs="?", const="", metavar="DIR",
-                    help="the method on photos (toy/photoworld.py, work in progress): a folder of "
+                    help="the method on photos (toy/photoworld.py): a folder of "
                          "JPEG / PNG / WebP, or none for the sample photos of scikit-image")
     a = ap.parse_args(argv)
     if a.quick and a.profile not in (None, "quick"):
